@@ -1,0 +1,305 @@
+// The CPU streaming tile engine: one loop for the whole correlation/loss family.
+//
+//   for each (batch b, block of BM source rows)            <- at::parallel_for
+//     for each tile of BN target rows
+//       S = A_blk · B_tileᵀ          (tile GEMM, fp32 accumulate; bf16/fp16 via brgemm)
+//       S *= r_u · r_v               (fused L2 normalisation, never a normalised copy)
+//       epilogue.tile(S)             (online softmax, running top-k, row-min, ...)
+//
+// Only BM×BN scores exist at a time per thread: no Ns×Nt matrix, forward or backward.
+// The backward (`stream_backward`) recomputes S tile by tile; the op's gradient epilogue turns it
+// into dL/ds from saved per-row statistics, and the engine does the two tile GEMMs
+//   pass Q (parallel over row blocks):    dÂ_blk  += (dS ∘ r_v) · B_tile
+//   pass K (parallel over target tiles):  dB̂_tile += (dS ∘ r_u)ᵀ · A_blk
+// Two passes (S recomputed in each) instead of per-thread dK copies: no thread-count-sized
+// buffers, and the same split the Triton backward uses (one kernel for dQ, one for dK).
+//
+// Epilogue concepts (see csrc/correlation/correlation_cpu.cpp for the ops):
+//   Forward:  struct Block { Block(Epi&, int64_t b, int64_t r0, int64_t m);
+//                            void tile(acc_t* S, int64_t ld, int64_t c0, int64_t n);
+//                            void finish(); };
+//   Backward: void grad(int64_t b, int64_t r0, int64_t m, int64_t c0, int64_t n, acc_t* S, int64_t ld)
+//             turns the cosine tile S into dL/ds in place (columns ≥ n are ignored).
+#pragma once
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/tile_gemm.h"
+#include "common/vec.h"
+
+namespace semcorr {
+
+inline int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return dflt;
+  return std::max<int64_t>(1, std::atoll(v));
+}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Block sizes. BN is a multiple of 32 (brgemm/AMX friendly); BM shrinks when there are too few
+// row blocks to keep every thread busy (keypoint mode: 30 query rows).
+struct Blocking {
+  int64_t BM, BN;
+  static Blocking choose(int64_t B, int64_t Ns, int64_t Nt, bool lowp) {
+    int64_t BM = env_int("SEMCORR_CPU_BM", lowp ? 128 : 192);
+    int64_t BN = round_up(env_int("SEMCORR_CPU_BN", lowp ? 512 : 768), 32);
+    const int64_t T = at::get_num_threads();
+    const int64_t want_blocks = ceil_div(2 * T, std::max<int64_t>(B, 1));
+    BM = std::max<int64_t>(8, std::min(BM, round_up(ceil_div(Ns, want_blocks), 8)));
+    BN = std::max<int64_t>(32, std::min(BN, round_up(Nt, 32)));
+    return {BM, BN};
+  }
+};
+
+// Per-row inverse norms r = 1 / max(‖x‖₂, 1e-12) (as F.normalize), or 1 when normalize=false.
+template <typename T, typename acc_t = acc_type_t<T>>
+std::vector<acc_t> inv_norms(const T* x, int64_t rows, int64_t C, bool normalize) {
+  std::vector<acc_t> r(rows, acc_t(1));
+  if (!normalize) return r;
+  at::parallel_for(0, rows, 64, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const T* p = x + i * C;
+      acc_t s = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(p[c]);
+        s += v * v;
+      }
+      r[i] = acc_t(1) / std::max(std::sqrt(s), acc_t(1e-12));
+    }
+  });
+  return r;
+}
+
+// x[i*ld + j] *= rs[i] * rt[j] for i < m, j < n.
+template <typename acc_t>
+inline void scale_tile(acc_t* S, int64_t ld, int64_t m, int64_t n, const acc_t* rs, const acc_t* rt) {
+  using V = Vectorized<acc_t>;
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t* row = S + i * ld;
+    const V ri(rs[i]);
+    int64_t j = 0;
+    for (; j + V::size() <= n; j += V::size())
+      (V::loadu(row + j) * ri * V::loadu(rt + j)).store(row + j);
+    for (; j < n; ++j) row[j] *= rs[i] * rt[j];
+  }
+}
+template <typename acc_t>
+inline void scale_cols(acc_t* S, int64_t ld, int64_t m, int64_t n, const acc_t* rt) {
+  using V = Vectorized<acc_t>;
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t* row = S + i * ld;
+    int64_t j = 0;
+    for (; j + V::size() <= n; j += V::size()) (V::loadu(row + j) * V::loadu(rt + j)).store(row + j);
+    for (; j < n; ++j) row[j] *= rt[j];
+  }
+}
+template <typename acc_t>
+inline void scale_rows(acc_t* S, int64_t ld, int64_t m, int64_t n, const acc_t* rs) {
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t* row = S + i * ld;
+    const acc_t ri = rs[i];
+    for (int64_t j = 0; j < n; ++j) row[j] *= ri;
+  }
+}
+
+// Everything one call of the engine needs about its two feature sets.
+template <typename T>
+struct StreamInput {
+  using acc_t = acc_type_t<T>;
+  const T* src;  // (B, Ns, C)
+  const T* tgt;  // (B, Nt, C)
+  int64_t B, Ns, Nt, C;
+  bool normalize;
+  std::vector<acc_t> rs, rt;  // (B·Ns), (B·Nt) inverse norms (1 when !normalize)
+
+  StreamInput(const T* s, const T* t, int64_t B_, int64_t Ns_, int64_t Nt_, int64_t C_, bool norm)
+      : src(s), tgt(t), B(B_), Ns(Ns_), Nt(Nt_), C(C_), normalize(norm) {
+    rs = inv_norms<T>(src, B * Ns, C, normalize);
+    rt = inv_norms<T>(tgt, B * Nt, C, normalize);
+  }
+};
+
+namespace detail {
+
+// Produces raw score tiles S(m×BN) = A_blk · B_tileᵀ in acc_t, whatever the input dtype.
+template <typename T>
+struct ScoreTiles {
+  using acc_t = acc_type_t<T>;
+  static constexpr bool kLowp = !std::is_same_v<T, acc_t>;
+  const StreamInput<T>& in;
+  int64_t BN, ntile;
+  // bf16/fp16 with brgemm: targets packed per tile, sources padded to an even channel count.
+  bool packed = false;
+  int64_t Cp = 0;
+  std::vector<T> tpack, spad;
+  // bf16/fp16 without brgemm: fp32 copies, then the fp32 BLAS path.
+  std::vector<acc_t> sconv, tconv;
+
+  ScoreTiles(const StreamInput<T>& in_, int64_t BN_) : in(in_), BN(BN_) {
+    ntile = ceil_div(in.Nt, BN);
+    if constexpr (kLowp) {
+      packed = gemm::can_pack(c10::CppTypeToScalarType<T>::value);
+      if (packed) {
+        Cp = round_up(in.C, 2);
+        tpack.resize(size_t(in.B) * ntile * Cp * BN);
+        at::parallel_for(0, in.B * ntile, 1, [&](int64_t a, int64_t b) {
+          for (int64_t it = a; it < b; ++it) {
+            const int64_t bb = it / ntile, t = it % ntile, c0 = t * BN;
+            gemm::pack_vnni_tile<T>(in.tgt + (bb * in.Nt + c0) * in.C, std::min(BN, in.Nt - c0), in.C,
+                                    Cp, BN, tpack.data() + it * Cp * BN);
+          }
+        });
+        if (Cp != in.C) {
+          spad.assign(size_t(in.B) * in.Ns * Cp, T(0.f));
+          for (int64_t r = 0; r < in.B * in.Ns; ++r)
+            std::copy(in.src + r * in.C, in.src + (r + 1) * in.C, spad.data() + r * Cp);
+        }
+      } else {
+        sconv.resize(size_t(in.B) * in.Ns * in.C);
+        tconv.resize(size_t(in.B) * in.Nt * in.C);
+        for (size_t i = 0; i < sconv.size(); ++i) sconv[i] = static_cast<acc_t>(in.src[i]);
+        for (size_t i = 0; i < tconv.size(); ++i) tconv[i] = static_cast<acc_t>(in.tgt[i]);
+      }
+    }
+  }
+
+  // Raw dot products of rows [r0, r0+m) of batch b with target tile t, into S (ld = BN).
+  void scores(int64_t b, int64_t r0, int64_t m, int64_t t, acc_t* S) const {
+    const int64_t c0 = t * BN, n = std::min(BN, in.Nt - c0), C = in.C;
+    if constexpr (kLowp) {
+      if (packed) {
+        const T* A = Cp == C ? in.src + (b * in.Ns + r0) * C : spad.data() + (b * in.Ns + r0) * Cp;
+        gemm::brgemm_scores(m, BN, Cp, A, Cp, tpack.data() + (b * ntile + t) * Cp * BN, S);
+      } else {
+        gemm::scores<acc_t>(m, n, C, sconv.data() + (b * in.Ns + r0) * C, C,
+                            tconv.data() + (b * in.Nt + c0) * C, C, S, BN);
+      }
+    } else {
+      gemm::scores<acc_t>(m, n, C, in.src + (b * in.Ns + r0) * C, C, in.tgt + (b * in.Nt + c0) * C, C,
+                          S, BN);
+    }
+  }
+  void release() const {
+    if (packed) gemm::brgemm_release();
+  }
+};
+
+}  // namespace detail
+
+// Forward streaming pass. `batches` restricts the call to batch items [b_lo, b_hi) (mutual_nn runs
+// one batch item at a time to keep its per-thread column buffers small).
+template <typename T, typename Epi>
+void stream_forward(const StreamInput<T>& in, Epi& epi, int64_t b_lo = 0, int64_t b_hi = -1) {
+  using acc_t = acc_type_t<T>;
+  if (b_hi < 0) b_hi = in.B;
+  const int64_t nb = b_hi - b_lo;
+  if (nb <= 0 || in.Ns == 0 || in.Nt == 0) return;
+  const Blocking blk = Blocking::choose(nb, in.Ns, in.Nt, !std::is_same_v<T, acc_t>);
+  const detail::ScoreTiles<T> tiles(in, blk.BN);
+  const int64_t nblk = ceil_div(in.Ns, blk.BM);
+  at::parallel_for(0, nb * nblk, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<acc_t> S(size_t(blk.BM) * blk.BN);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = b_lo + w / nblk, r0 = (w % nblk) * blk.BM, m = std::min(blk.BM, in.Ns - r0);
+      typename Epi::Block block(epi, b, r0, m);
+      for (int64_t t = 0; t < tiles.ntile; ++t) {
+        const int64_t c0 = t * blk.BN, n = std::min(blk.BN, in.Nt - c0);
+        tiles.scores(b, r0, m, t, S.data());
+        if (in.normalize)
+          scale_tile<acc_t>(S.data(), blk.BN, m, n, in.rs.data() + b * in.Ns + r0,
+                            in.rt.data() + b * in.Nt + c0);
+        block.tile(S.data(), blk.BN, c0, n);
+      }
+      block.finish();
+    }
+    tiles.release();
+  });
+}
+
+// Backward streaming passes on acc_t features (bf16/fp16 callers convert first: the backward
+// accumulates in fp32 anyway). dsrc_hat (B·Ns×C) and dtgt_hat (B·Nt×C) receive dL/dâ and dL/db̂
+// (the gradients w.r.t. the normalised features; see norm_backward). Either may be null.
+template <typename acc_t, typename Epi>
+void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_hat, acc_t* dtgt_hat) {
+  if (in.Ns == 0 || in.Nt == 0) return;
+  const int64_t C = in.C;
+  const Blocking blk = Blocking::choose(in.B, in.Ns, in.Nt, false);
+  const int64_t BM = blk.BM, BN = blk.BN;
+  const int64_t nblk = ceil_div(in.Ns, BM), ntile = ceil_div(in.Nt, BN);
+  const acc_t* rs = in.rs.data();
+  const acc_t* rt = in.rt.data();
+  if (dsrc_hat) {  // pass Q: each thread owns its row blocks
+    at::parallel_for(0, in.B * nblk, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<acc_t> S(size_t(BM) * BN);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t b = w / nblk, r0 = (w % nblk) * BM, m = std::min(BM, in.Ns - r0);
+        const acc_t* A = in.src + (b * in.Ns + r0) * C;
+        for (int64_t t = 0; t < ntile; ++t) {
+          const int64_t c0 = t * BN, n = std::min(BN, in.Nt - c0);
+          const acc_t* Bt = in.tgt + (b * in.Nt + c0) * C;
+          gemm::scores<acc_t>(m, n, C, A, C, Bt, C, S.data(), BN);
+          if (in.normalize) scale_tile<acc_t>(S.data(), BN, m, n, rs + b * in.Ns + r0, rt + b * in.Nt + c0);
+          epi.grad(b, r0, m, c0, n, S.data(), BN);
+          if (in.normalize) scale_cols<acc_t>(S.data(), BN, m, n, rt + b * in.Nt + c0);
+          gemm::acc_pb<acc_t>(m, n, C, S.data(), BN, Bt, C, dsrc_hat + (b * in.Ns + r0) * C, C);
+        }
+      }
+    });
+  }
+  if (dtgt_hat) {  // pass K: each thread owns its target tiles
+    // Parallelism here is over target tiles; use a BN that gives every thread work.
+    const int64_t T = at::get_num_threads();
+    const int64_t BNk = std::max<int64_t>(32, std::min(BN, round_up(ceil_div(in.Nt, ceil_div(2 * T, in.B)), 32)));
+    const int64_t ntk = ceil_div(in.Nt, BNk);
+    const int64_t BMk = std::max<int64_t>(BM, 64);
+    at::parallel_for(0, in.B * ntk, 1, [&](int64_t w0, int64_t w1) {
+      std::vector<acc_t> S(size_t(BMk) * BNk);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t b = w / ntk, c0 = (w % ntk) * BNk, n = std::min(BNk, in.Nt - c0);
+        const acc_t* Bt = in.tgt + (b * in.Nt + c0) * C;
+        for (int64_t r0 = 0; r0 < in.Ns; r0 += BMk) {
+          const int64_t m = std::min(BMk, in.Ns - r0);
+          const acc_t* A = in.src + (b * in.Ns + r0) * C;
+          gemm::scores<acc_t>(m, n, C, A, C, Bt, C, S.data(), BNk);
+          if (in.normalize) scale_tile<acc_t>(S.data(), BNk, m, n, rs + b * in.Ns + r0, rt + b * in.Nt + c0);
+          epi.grad(b, r0, m, c0, n, S.data(), BNk);
+          if (in.normalize) scale_rows<acc_t>(S.data(), BNk, m, n, rs + b * in.Ns + r0);
+          gemm::acc_pta<acc_t>(m, n, C, S.data(), BNk, A, C, dtgt_hat + (b * in.Nt + c0) * C, C);
+        }
+      }
+    });
+  }
+}
+
+// Through the normalisation x̂ = x·r, r = 1/max(‖x‖, ε) (math.md):
+//   ‖x‖ > ε: dx = r·(dx̂ − x̂⟨x̂, dx̂⟩);   ‖x‖ ≤ ε: dx = r·dx̂.   Without normalisation dx = dx̂.
+template <typename acc_t>
+void norm_backward(const acc_t* x, const acc_t* r, const acc_t* dxh, acc_t* dx, int64_t rows, int64_t C,
+                   bool normalize) {
+  at::parallel_for(0, rows, 64, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const acc_t* xi = x + i * C;
+      const acc_t* gi = dxh + i * C;
+      acc_t* oi = dx + i * C;
+      if (!normalize) {
+        std::copy(gi, gi + C, oi);
+        continue;
+      }
+      const acc_t ri = r[i];
+      const bool clamped = !(ri < acc_t(1e12));  // ‖x‖ ≤ ε
+      acc_t dot = 0;
+      if (!clamped)
+        for (int64_t c = 0; c < C; ++c) dot += xi[c] * ri * gi[c];
+      for (int64_t c = 0; c < C; ++c) oi[c] = ri * (gi[c] - (clamped ? acc_t(0) : xi[c] * ri * dot));
+    }
+  });
+}
+
+}  // namespace semcorr

@@ -1,0 +1,68 @@
+// The tile GEMMs of the CPU streaming engine.
+//
+// fp32/fp64 use the BLAS that torch itself links (MKL's sgemm_/dgemm_, found at load time with
+// dlsym so the extension links against nothing extra); bf16/fp16 use ATen's oneDNN micro-kernel
+// `at::native::cpublas::brgemm` (AMX / AVX512-BF16 on CPUs that have them) on target tiles packed
+// once per call in the VNNI layout it expects. When neither exists, a plain loop GEMM keeps the
+// results right (and slow); `semcorr info` says which one is in use.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include <ATen/native/CPUBlas.h>
+#include <c10/core/ScalarType.h>
+
+namespace semcorr::gemm {
+
+// Column-major GEMM C(m×n) = alpha·op(A)·op(B) + beta·C, op = 'N' or 'T' (Fortran BLAS semantics).
+void colmajor(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+              int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void colmajor(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* A,
+              int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+bool have_blas();
+
+// Row-major helpers, in the words of the engine (all matrices row-major, ld = row stride):
+// S(m×n) = A(m×K) · B(n×K)ᵀ                              (score tile)
+template <typename acc_t>
+inline void scores(int64_t m, int64_t n, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                   int64_t ldb, acc_t* S, int64_t lds) {
+  colmajor('T', 'N', n, m, K, acc_t(1), B, ldb, A, lda, acc_t(0), S, lds);
+}
+// D(m×K) += P(m×n) · B(n×K)                              (dQ from a dS tile)
+template <typename acc_t>
+inline void acc_pb(int64_t m, int64_t n, int64_t K, const acc_t* P, int64_t ldp, const acc_t* B,
+                   int64_t ldb, acc_t* D, int64_t ldd) {
+  colmajor('N', 'N', K, m, n, acc_t(1), B, ldb, P, ldp, acc_t(1), D, ldd);
+}
+// E(n×K) += P(m×n)ᵀ · A(m×K)                             (dK from a dS tile)
+template <typename acc_t>
+inline void acc_pta(int64_t m, int64_t n, int64_t K, const acc_t* P, int64_t ldp, const acc_t* A,
+                    int64_t lda, acc_t* E, int64_t lde) {
+  colmajor('N', 'T', K, n, m, acc_t(1), A, lda, P, ldp, acc_t(1), E, lde);
+}
+
+// bf16/fp16 score tiles through brgemm: targets packed per tile as [Cp/2][BN][2] (VNNI-2).
+bool can_pack(c10::ScalarType dt);
+void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::BFloat16* A, int64_t lda,
+                   const c10::BFloat16* Bpacked, float* S);
+void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::Half* A, int64_t lda,
+                   const c10::Half* Bpacked, float* S);
+void brgemm_release();
+
+// Pack rows [0, n) of B (n×C, row-major, ld C) into one VNNI tile [Cp/2][BN][2], zero padded.
+template <typename T>
+inline void pack_vnni_tile(const T* B, int64_t n, int64_t C, int64_t Cp, int64_t BN, T* out) {
+  const T zero = T(0.f);
+  for (int64_t k2 = 0; k2 < Cp / 2; ++k2) {
+    T* o = out + k2 * BN * 2;
+    const int64_t c = 2 * k2;
+    for (int64_t j = 0; j < n; ++j) {
+      const T* b = B + j * C;
+      o[2 * j] = c < C ? b[c] : zero;
+      o[2 * j + 1] = c + 1 < C ? b[c + 1] : zero;
+    }
+    for (int64_t j = n; j < BN; ++j) o[2 * j] = o[2 * j + 1] = zero;
+  }
+}
+
+}  // namespace semcorr::gemm

@@ -1,0 +1,688 @@
+// CPU kernels of the correlation family: epilogues of the streaming engine, plus the window pass.
+// The math of every op is in correlation.h; the loop they share is common/stream_engine.h.
+#include "common/vec.h"  // first: selects the SIMD width of ATen's Vectorized
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "common/stream_engine.h"
+#include "correlation/correlation.h"
+
+namespace semcorr {
+namespace {
+
+using at::Tensor;
+
+template <typename acc_t>
+constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+template <typename acc_t>
+constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  acc_t s = 0;
+  for (int64_t k = 0; k < Vectorized<acc_t>::size(); ++k) s += buf[k];
+  return s;
+}
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  acc_t s = buf[0];
+  for (int64_t k = 1; k < Vectorized<acc_t>::size(); ++k) s = (s != s || buf[k] != buf[k]) ? kNaN<acc_t> : std::max(s, buf[k]);
+  return s;
+}
+inline acc_type_t<float> nan_max(float a, float b) { return (a != a || b != b) ? kNaN<float> : std::max(a, b); }
+inline double nan_max(double a, double b) { return (a != a || b != b) ? kNaN<double> : std::max(a, b); }
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t C) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t L = V::size();
+  V s0(acc_t(0)), s1(acc_t(0));
+  int64_t c = 0;
+  for (; c + 2 * L <= C; c += 2 * L) {
+    s0 = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), s0);
+    s1 = at::vec::fmadd(V::loadu(a + c + L), V::loadu(b + c + L), s1);
+  }
+  for (; c + L <= C; c += L) s0 = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), s0);
+  acc_t r = hsum<acc_t>(s0 + s1);
+  for (; c < C; ++c) r += a[c] * b[c];
+  return r;
+}
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t C) {
+  using V = Vectorized<acc_t>;
+  const V va(alpha);
+  int64_t c = 0;
+  for (; c + V::size() <= C; c += V::size()) at::vec::fmadd(va, V::loadu(x + c), V::loadu(y + c)).store(y + c);
+  for (; c < C; ++c) y[c] += alpha * x[c];
+}
+
+// Cell coordinates g_v = (v mod W, v div W), materialised once per call (O(Nt)).
+template <typename acc_t>
+struct Grid {
+  std::vector<acc_t> gx, gy;
+  Grid(int64_t H, int64_t W) : gx(H * W), gy(H * W) {
+    for (int64_t v = 0; v < H * W; ++v) {
+      gx[v] = acc_t(v % W);
+      gy[v] = acc_t(v / W);
+    }
+  }
+};
+
+Tensor out_like(const Tensor& x, at::IntArrayRef shape) {
+  return at::empty(shape, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+// ------------------------------------------------------------------ soft_argmax: online softmax
+template <typename acc_t>
+struct SoftArgmaxFwd {
+  acc_t inv_tau;
+  const acc_t *gx, *gy;
+  int64_t Ns;
+  acc_t *out, *lse;
+
+  struct Block {
+    const SoftArgmaxFwd& e;
+    int64_t b, r0, m;
+    std::vector<acc_t> mx, l, sx, sy;
+    Block(const SoftArgmaxFwd& e_, int64_t b_, int64_t r0_, int64_t m_)
+        : e(e_), b(b_), r0(r0_), m(m_), mx(m_, -kInf<acc_t>), l(m_, 0), sx(m_, 0), sy(m_, 0) {}
+
+    void tile(const acc_t* S, int64_t ld, int64_t c0, int64_t n) {
+      using V = Vectorized<acc_t>;
+      constexpr int64_t L = V::size();
+      const acc_t it = e.inv_tau;
+      const acc_t* gx = e.gx + c0;
+      const acc_t* gy = e.gy + c0;
+      for (int64_t i = 0; i < m; ++i) {
+        const acc_t* row = S + i * ld;
+        V vmax(-kInf<acc_t>);
+        int64_t j = 0;
+        for (; j + L <= n; j += L) vmax = at::vec::maximum(vmax, V::loadu(row + j));
+        acc_t tmax = hmax<acc_t>(vmax);
+        for (; j < n; ++j) tmax = nan_max(tmax, row[j]);
+        const acc_t mnew = nan_max(mx[i], tmax * it);
+        const acc_t alpha = mx[i] == -kInf<acc_t> ? acc_t(0) : std::exp(mx[i] - mnew);
+        const V vit(it), vm(mnew);
+        V vl(acc_t(0)), vx(acc_t(0)), vy(acc_t(0));
+        j = 0;
+        for (; j + L <= n; j += L) {
+          const V p = vexp(at::vec::fmsub(V::loadu(row + j), vit, vm));
+          vl = vl + p;
+          vx = at::vec::fmadd(p, V::loadu(gx + j), vx);
+          vy = at::vec::fmadd(p, V::loadu(gy + j), vy);
+        }
+        acc_t tl = hsum<acc_t>(vl), tx = hsum<acc_t>(vx), ty = hsum<acc_t>(vy);
+        for (; j < n; ++j) {
+          const acc_t p = std::exp(row[j] * it - mnew);
+          tl += p;
+          tx += p * gx[j];
+          ty += p * gy[j];
+        }
+        l[i] = l[i] * alpha + tl;
+        sx[i] = sx[i] * alpha + tx;
+        sy[i] = sy[i] * alpha + ty;
+        mx[i] = mnew;
+      }
+    }
+    void finish() {
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t u = b * e.Ns + r0 + i;
+        e.out[2 * u] = sx[i] / l[i];
+        e.out[2 * u + 1] = sy[i] / l[i];
+        e.lse[u] = mx[i] + std::log(l[i]);
+      }
+    }
+  };
+};
+
+template <typename acc_t>
+struct SoftArgmaxBwd {
+  acc_t inv_tau;
+  const acc_t *gx, *gy;
+  int64_t Ns;
+  const acc_t *gout, *out, *lse;
+  // dL/ds_uv = p_uv (⟨G_u, g_v⟩ − ⟨G_u, y_u⟩) / τ  (math.md, soft_argmax)
+  void grad(int64_t b, int64_t r0, int64_t m, int64_t c0, int64_t n, acc_t* S, int64_t ld) const {
+    using V = Vectorized<acc_t>;
+    constexpr int64_t L = V::size();
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t u = b * Ns + r0 + i;
+      const acc_t Gx = gout[2 * u], Gy = gout[2 * u + 1];
+      const acc_t D = Gx * out[2 * u] + Gy * out[2 * u + 1];
+      acc_t* row = S + i * ld;
+      const V vit(inv_tau), vL(lse[u]), vGx(Gx), vGy(Gy), vD(D);
+      int64_t j = 0;
+      for (; j + L <= n; j += L) {
+        const V p = vexp(at::vec::fmsub(V::loadu(row + j), vit, vL));
+        const V w = at::vec::fmadd(vGx, V::loadu(gx + c0 + j), at::vec::fmsub(vGy, V::loadu(gy + c0 + j), vD));
+        (p * w * vit).store(row + j);
+      }
+      for (; j < n; ++j) {
+        const acc_t p = std::exp(row[j] * inv_tau - lse[u]);
+        row[j] = p * (Gx * gx[c0 + j] + Gy * gy[c0 + j] - D) * inv_tau;
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------------ running top-k
+// Per row: k (value, index) pairs sorted by value descending then index ascending. Targets arrive in
+// increasing index order, so a strict comparison keeps the lowest index among ties.
+template <typename acc_t>
+struct TopK {
+  int64_t k, Ns, Nt;
+  const bool* mask;  // (B, Nt) or null
+  acc_t* vals;       // (B, Ns, k)
+  int64_t* idx;      // (B, Ns, k)
+
+  struct Block {
+    const TopK& e;
+    int64_t b, r0, m;
+    std::vector<acc_t> v;
+    std::vector<int64_t> id;
+    Block(const TopK& e_, int64_t b_, int64_t r0_, int64_t m_)
+        : e(e_), b(b_), r0(r0_), m(m_), v(m_ * e_.k, -kInf<acc_t>), id(m_ * e_.k, -1) {}
+
+    inline void insert(acc_t* vi, int64_t* ii, acc_t s, int64_t index) const {
+      int64_t pos = e.k - 1;
+      while (pos > 0 && vi[pos - 1] < s) {
+        vi[pos] = vi[pos - 1];
+        ii[pos] = ii[pos - 1];
+        --pos;
+      }
+      vi[pos] = s;
+      ii[pos] = index;
+    }
+    void tile(const acc_t* S, int64_t ld, int64_t c0, int64_t n) {
+      using V = Vectorized<acc_t>;
+      constexpr int64_t L = V::size();
+      const bool* mk = e.mask ? e.mask + b * e.Nt + c0 : nullptr;
+      const int full = (1 << L) - 1;
+      for (int64_t i = 0; i < m; ++i) {
+        const acc_t* row = S + i * ld;
+        acc_t* vi = v.data() + i * e.k;
+        int64_t* ii = id.data() + i * e.k;
+        int64_t j = 0;
+        for (; j + L <= n; j += L) {
+          // Most chunks hold nothing above the current k-th value: one compare skips them.
+          if ((V::loadu(row + j) > V(vi[e.k - 1])).zero_mask() == full) continue;
+          for (int64_t q = j; q < j + L; ++q)
+            if (row[q] > vi[e.k - 1] && (!mk || mk[q])) insert(vi, ii, row[q], c0 + q);
+        }
+        for (; j < n; ++j)
+          if (row[j] > vi[e.k - 1] && (!mk || mk[j])) insert(vi, ii, row[j], c0 + j);
+      }
+    }
+    void finish() {
+      const int64_t off = (b * e.Ns + r0) * e.k;
+      std::copy(v.begin(), v.end(), e.vals + off);
+      std::copy(id.begin(), id.end(), e.idx + off);
+    }
+  };
+};
+
+// Row top-1 plus the column argmax (mutual_nn): each thread keeps its best source row per target
+// column; the threads' columns are merged after the pass (ties → lowest row).
+template <typename acc_t>
+struct RowColArgmax {
+  TopK<acc_t> rows;
+  int64_t Nt;
+  std::vector<std::vector<acc_t>>* colv;
+  std::vector<std::vector<int64_t>>* coli;
+
+  struct Block {
+    typename TopK<acc_t>::Block rb;
+    const RowColArgmax& e;
+    int64_t r0;
+    Block(const RowColArgmax& e_, int64_t b, int64_t r0_, int64_t m) : rb(e_.rows, b, r0_, m), e(e_), r0(r0_) {}
+    void tile(const acc_t* S, int64_t ld, int64_t c0, int64_t n) {
+      rb.tile(S, ld, c0, n);
+      const int t = at::get_thread_num();
+      acc_t* cv = (*e.colv)[t].data() + c0;
+      int64_t* ci = (*e.coli)[t].data() + c0;
+      for (int64_t i = 0; i < rb.m; ++i) {
+        const acc_t* row = S + i * ld;
+        for (int64_t j = 0; j < n; ++j)
+          if (row[j] > cv[j]) {
+            cv[j] = row[j];
+            ci[j] = r0 + i;
+          }
+      }
+    }
+    void finish() { rb.finish(); }
+  };
+};
+
+// Row minimum of the squared L2 distance ‖â‖² + ‖b̂_v‖² − 2ŝ over valid targets, with its argmin
+// (the exact distance to the argmin is recomputed afterwards, free of the cancellation).
+template <typename acc_t>
+struct RowMinL2 {
+  int64_t Ns, Nt;
+  const acc_t* sqn_t;  // (B, Nt) ‖b̂_v‖²
+  const bool* mask;    // (B, Nt) or null
+  int64_t* arg;        // (B, Ns): argmin, −1 none, −2 a NaN met
+  struct Block {
+    const RowMinL2& e;
+    int64_t b, r0, m;
+    std::vector<acc_t> best;
+    std::vector<int64_t> a;
+    Block(const RowMinL2& e_, int64_t b_, int64_t r0_, int64_t m_)
+        : e(e_), b(b_), r0(r0_), m(m_), best(m_, kInf<acc_t>), a(m_, -1) {}
+    void tile(const acc_t* S, int64_t ld, int64_t c0, int64_t n) {
+      const acc_t* q = e.sqn_t + b * e.Nt + c0;
+      const bool* mk = e.mask ? e.mask + b * e.Nt + c0 : nullptr;
+      for (int64_t i = 0; i < m; ++i) {
+        if (a[i] == -2) continue;
+        const acc_t* row = S + i * ld;
+        for (int64_t j = 0; j < n; ++j) {
+          if (mk && !mk[j]) continue;
+          const acc_t d = q[j] - 2 * row[j];
+          if (d != d) {
+            a[i] = -2;
+            break;
+          }
+          if (d < best[i]) {
+            best[i] = d;
+            a[i] = c0 + j;
+          }
+        }
+      }
+    }
+    void finish() { std::copy(a.begin(), a.end(), e.arg + b * e.Ns + r0); }
+  };
+};
+
+// ------------------------------------------------------------------ op entry points
+template <typename T>
+StreamInput<T> make_input(const Tensor& src, const Tensor& tgt, bool normalize) {
+  return StreamInput<T>(src.data_ptr<T>(), tgt.data_ptr<T>(), src.size(0), src.size(1), tgt.size(1),
+                        src.size(2), normalize);
+}
+
+void check_pair(const Tensor& src, const Tensor& tgt, const char* op) {
+  TORCH_CHECK(src.dim() == 3 && tgt.dim() == 3, op, ": src and tgt must be (B, N, C)");
+  TORCH_CHECK(src.size(0) == tgt.size(0) && src.size(2) == tgt.size(2), op, ": B and C of src and tgt differ");
+  TORCH_CHECK(src.scalar_type() == tgt.scalar_type(), op, ": src and tgt dtypes differ");
+  TORCH_CHECK(src.is_contiguous() && tgt.is_contiguous(), op, ": src and tgt must be contiguous");
+}
+
+std::tuple<Tensor, Tensor> soft_argmax_fwd(const Tensor& src, const Tensor& tgt, double tau, int64_t H,
+                                           int64_t W, bool normalize) {
+  check_pair(src, tgt, "soft_argmax_fwd");
+  TORCH_CHECK(H * W == tgt.size(1), "soft_argmax_fwd: H*W != Nt");
+  const int64_t B = src.size(0), Ns = src.size(1);
+  Tensor out = out_like(src, {B, Ns, 2}), lse = out_like(src, {B, Ns});
+  SC_DISPATCH_FLOATING(src.scalar_type(), "soft_argmax_fwd", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    auto in = make_input<scalar_t>(src, tgt, normalize);
+    Grid<acc_t> g(H, W);
+    SoftArgmaxFwd<acc_t> epi{acc_t(1.0 / tau), g.gx.data(), g.gy.data(), Ns, out.data_ptr<acc_t>(),
+                             lse.data_ptr<acc_t>()};
+    stream_forward(in, epi);
+  });
+  return {out, lse};
+}
+
+// Runs a gradient epilogue through the two backward passes and the normalisation backward.
+template <typename acc_t, typename Epi>
+std::tuple<Tensor, Tensor> run_backward(const Tensor& src, const Tensor& tgt, bool normalize, const Epi& epi) {
+  const auto acc_dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  const Tensor s = src.to(acc_dt).contiguous(), t = tgt.to(acc_dt).contiguous();
+  auto in = make_input<acc_t>(s, t, normalize);
+  Tensor dsh = at::zeros_like(s), dth = at::zeros_like(t);
+  stream_backward<acc_t>(in, epi, dsh.data_ptr<acc_t>(), dth.data_ptr<acc_t>());
+  Tensor ds = at::empty_like(s), dt = at::empty_like(t);
+  norm_backward<acc_t>(s.data_ptr<acc_t>(), in.rs.data(), dsh.data_ptr<acc_t>(), ds.data_ptr<acc_t>(),
+                       in.B * in.Ns, in.C, normalize);
+  norm_backward<acc_t>(t.data_ptr<acc_t>(), in.rt.data(), dth.data_ptr<acc_t>(), dt.data_ptr<acc_t>(),
+                       in.B * in.Nt, in.C, normalize);
+  return {ds.to(src.scalar_type()), dt.to(tgt.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor> soft_argmax_bwd(const Tensor& grad, const Tensor& src, const Tensor& tgt,
+                                           const Tensor& out, const Tensor& lse, double tau, int64_t H,
+                                           int64_t W, bool normalize) {
+  check_pair(src, tgt, "soft_argmax_bwd");
+  std::tuple<Tensor, Tensor> res;
+  auto run = [&](auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    const Tensor g = grad.to(dt).contiguous(), o = out.to(dt).contiguous(), l = lse.to(dt).contiguous();
+    Grid<acc_t> grid(H, W);
+    SoftArgmaxBwd<acc_t> epi{acc_t(1.0 / tau), grid.gx.data(), grid.gy.data(), src.size(1),
+                             g.data_ptr<acc_t>(), o.data_ptr<acc_t>(), l.data_ptr<acc_t>()};
+    res = run_backward<acc_t>(src, tgt, normalize, epi);
+  };
+  if (src.scalar_type() == at::kDouble) run(double{}); else run(float{});
+  return res;
+}
+
+std::tuple<Tensor, Tensor> match_topk(const Tensor& src, const Tensor& tgt, int64_t k,
+                                      const std::optional<Tensor>& tgt_mask, bool normalize) {
+  check_pair(src, tgt, "match_topk");
+  TORCH_CHECK(k >= 1, "match_topk: k must be >= 1");
+  const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1);
+  Tensor vals = out_like(src, {B, Ns, k}), idx = at::empty({B, Ns, k}, src.options().dtype(at::kLong));
+  Tensor mask;
+  if (tgt_mask.has_value()) mask = tgt_mask->to(at::kBool).contiguous();
+  SC_DISPATCH_FLOATING(src.scalar_type(), "match_topk", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    auto in = make_input<scalar_t>(src, tgt, normalize);
+    TopK<acc_t> epi{k, Ns, Nt, mask.defined() ? mask.data_ptr<bool>() : nullptr, vals.data_ptr<acc_t>(),
+                    idx.data_ptr<int64_t>()};
+    stream_forward(in, epi);
+  });
+  return {vals, idx};
+}
+
+std::tuple<Tensor, Tensor, Tensor> mutual_nn(const Tensor& src, const Tensor& tgt, bool normalize) {
+  check_pair(src, tgt, "mutual_nn");
+  const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1);
+  Tensor s2t = at::empty({B, Ns}, src.options().dtype(at::kLong));
+  Tensor t2s = at::empty({B, Nt}, src.options().dtype(at::kLong));
+  Tensor mutual = at::empty({B, Ns}, src.options().dtype(at::kBool));
+  SC_DISPATCH_FLOATING(src.scalar_type(), "mutual_nn", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    auto in = make_input<scalar_t>(src, tgt, normalize);
+    std::vector<acc_t> v1(B * Ns);
+    const int T = at::get_num_threads();
+    std::vector<std::vector<acc_t>> colv(T);
+    std::vector<std::vector<int64_t>> coli(T);
+    int64_t* s2 = s2t.data_ptr<int64_t>();
+    int64_t* t2 = t2s.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int t = 0; t < T; ++t) {
+        colv[t].assign(Nt, -kInf<acc_t>);
+        coli[t].assign(Nt, -1);
+      }
+      RowColArgmax<acc_t> epi{TopK<acc_t>{1, Ns, Nt, nullptr, v1.data(), s2}, Nt, &colv, &coli};
+      stream_forward(in, epi, b, b + 1);
+      for (int64_t v = 0; v < Nt; ++v) {
+        acc_t best = -kInf<acc_t>;
+        int64_t arg = -1;
+        for (int t = 0; t < T; ++t) {
+          const int64_t r = coli[t][v];
+          if (r < 0) continue;
+          if (arg < 0 || colv[t][v] > best || (colv[t][v] == best && r < arg)) {
+            best = colv[t][v];
+            arg = r;
+          }
+        }
+        t2[b * Nt + v] = arg;
+      }
+    }
+    bool* mu = mutual.data_ptr<bool>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t u = 0; u < Ns; ++u) {
+        const int64_t v = s2[b * Ns + u];
+        mu[b * Ns + u] = v >= 0 && t2[b * Nt + v] == u;
+      }
+  });
+  return {s2t, t2s, mutual};
+}
+
+Tensor instance_matching_distance(const Tensor& src, const Tensor& tgt, const std::optional<Tensor>& src_mask,
+                                  const std::optional<Tensor>& tgt_mask, bool normalize) {
+  check_pair(src, tgt, "instance_matching_distance");
+  const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1), C = src.size(2);
+  Tensor res = out_like(src, {B});
+  Tensor tm, sm;
+  if (tgt_mask.has_value()) tm = tgt_mask->to(at::kBool).contiguous();
+  if (src_mask.has_value()) sm = src_mask->to(at::kBool).contiguous();
+  SC_DISPATCH_FLOATING(src.scalar_type(), "instance_matching_distance", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    auto in = make_input<scalar_t>(src, tgt, normalize);
+    std::vector<acc_t> sqn(B * Nt);
+    const scalar_t* tp = tgt.data_ptr<scalar_t>();
+    at::parallel_for(0, B * Nt, 256, [&](int64_t a, int64_t e) {
+      for (int64_t v = a; v < e; ++v) {
+        acc_t s = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t x = static_cast<acc_t>(tp[v * C + c]) * in.rt[v];
+          s += x * x;
+        }
+        sqn[v] = s;
+      }
+    });
+    std::vector<int64_t> arg(B * Ns);
+    RowMinL2<acc_t> epi{Ns, Nt, sqn.data(), tm.defined() ? tm.data_ptr<bool>() : nullptr, arg.data()};
+    stream_forward(in, epi);
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const bool* smp = sm.defined() ? sm.data_ptr<bool>() : nullptr;
+    acc_t* r = res.data_ptr<acc_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t total = 0;
+      int64_t count = 0;
+      for (int64_t u = 0; u < Ns; ++u) {
+        const int64_t su = b * Ns + u;
+        if (smp && !smp[su]) continue;
+        ++count;
+        const int64_t v = arg[su];
+        if (v < 0) {
+          total = kNaN<acc_t>;
+          continue;
+        }
+        const int64_t tv = b * Nt + v;
+        acc_t d2 = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(sp[su * C + c]) * in.rs[su] - static_cast<acc_t>(tp[tv * C + c]) * in.rt[tv];
+          d2 += d * d;
+        }
+        total += std::sqrt(d2);
+      }
+      r[b] = count == 0 ? kNaN<acc_t> : total / acc_t(count);
+    }
+  });
+  return res;
+}
+
+// ------------------------------------------------------------------ window soft-argmax
+// Pass 1 is the engine's top-1; pass 2 visits only the ≤(2r+1)² window cells of each row, on acc_t
+// features (bf16/fp16 inputs are converted once, O(N·C)).
+struct Window {
+  int64_t x0, x1, y0, y1;
+  int64_t count() const { return (x1 - x0 + 1) * (y1 - y0 + 1); }
+};
+inline Window window_of(int64_t c, int64_t H, int64_t W, int64_t r) {
+  const int64_t xc = c % W, yc = c / W;
+  return {std::max<int64_t>(0, xc - r), std::min<int64_t>(W - 1, xc + r), std::max<int64_t>(0, yc - r),
+          std::min<int64_t>(H - 1, yc + r)};
+}
+
+template <typename acc_t>
+std::vector<int64_t> argmax_rows(const Tensor& src, const Tensor& tgt, bool normalize) {
+  const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1);
+  std::vector<int64_t> center(B * Ns);
+  SC_DISPATCH_FLOATING(src.scalar_type(), "window_soft_argmax", [&] {
+    using a_t = acc_type_t<scalar_t>;
+    auto in = make_input<scalar_t>(src, tgt, normalize);
+    std::vector<a_t> v1(B * Ns);
+    TopK<a_t> epi{1, Ns, Nt, nullptr, v1.data(), center.data()};
+    stream_forward(in, epi);
+  });
+  return center;
+}
+
+std::tuple<Tensor, Tensor, Tensor> window_soft_argmax_fwd(const Tensor& src, const Tensor& tgt, double tau,
+                                                          int64_t H, int64_t W, int64_t radius,
+                                                          bool zero_outside, bool normalize) {
+  check_pair(src, tgt, "window_soft_argmax_fwd");
+  TORCH_CHECK(H * W == tgt.size(1), "window_soft_argmax_fwd: H*W != Nt");
+  TORCH_CHECK(radius >= 0, "window_soft_argmax_fwd: radius must be >= 0");
+  const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1), C = src.size(2);
+  Tensor out = out_like(src, {B, Ns, 2}), lse = out_like(src, {B, Ns});
+  Tensor center = at::empty({B, Ns}, src.options().dtype(at::kLong));
+  auto run = [&](auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    std::vector<int64_t> cen = argmax_rows<acc_t>(src, tgt, normalize);
+    std::copy(cen.begin(), cen.end(), center.data_ptr<int64_t>());
+    const Tensor s = src.to(dt).contiguous(), t = tgt.to(dt).contiguous();
+    const acc_t* sp = s.data_ptr<acc_t>();
+    const acc_t* tp = t.data_ptr<acc_t>();
+    const std::vector<acc_t> rs = inv_norms<acc_t>(sp, B * Ns, C, normalize);
+    const std::vector<acc_t> rt = inv_norms<acc_t>(tp, B * Nt, C, normalize);
+    acc_t* o = out.data_ptr<acc_t>();
+    acc_t* l = lse.data_ptr<acc_t>();
+    const acc_t it = acc_t(1.0 / tau);
+    const acc_t gtx = acc_t(H) * acc_t(W) * acc_t(W - 1) / 2, gty = acc_t(W) * acc_t(H) * acc_t(H - 1) / 2;
+    at::parallel_for(0, B * Ns, 16, [&](int64_t a, int64_t e) {
+      std::vector<acc_t> z;
+      for (int64_t u = a; u < e; ++u) {
+        const int64_t b = u / Ns, c = cen[u];
+        if (c < 0) {
+          o[2 * u] = o[2 * u + 1] = l[u] = kNaN<acc_t>;
+          continue;
+        }
+        const Window w = window_of(c, H, W, radius);
+        const int64_t cnt = w.count();
+        z.resize(cnt);
+        acc_t mx = -kInf<acc_t>;
+        int64_t q = 0;
+        for (int64_t y = w.y0; y <= w.y1; ++y)
+          for (int64_t x = w.x0; x <= w.x1; ++x, ++q) {
+            const int64_t v = b * Nt + y * W + x;
+            z[q] = dot<acc_t>(sp + u * C, tp + v * C, C) * rs[u] * rt[v] * it;
+            mx = nan_max(mx, z[q]);
+          }
+        const bool outside = zero_outside && cnt < Nt;
+        if (outside) mx = nan_max(mx, acc_t(0));
+        acc_t Z = 0, sx = 0, sy = 0;
+        q = 0;
+        for (int64_t y = w.y0; y <= w.y1; ++y)
+          for (int64_t x = w.x0; x <= w.x1; ++x, ++q) {
+            const acc_t p = std::exp(z[q] - mx);
+            Z += p;
+            sx += p * acc_t(x);
+            sy += p * acc_t(y);
+          }
+        if (outside) {
+          // Outside cells have logit 0: (Nt − w) of them, coordinate sums in closed form.
+          const acc_t e0 = std::exp(-mx);
+          const acc_t nx = acc_t(w.y1 - w.y0 + 1), ny = acc_t(w.x1 - w.x0 + 1);
+          const acc_t wsx = nx * acc_t(w.x0 + w.x1) * ny / 2, wsy = ny * acc_t(w.y0 + w.y1) * nx / 2;
+          Z += acc_t(Nt - cnt) * e0;
+          sx += e0 * (gtx - wsx);
+          sy += e0 * (gty - wsy);
+        }
+        o[2 * u] = sx / Z;
+        o[2 * u + 1] = sy / Z;
+        l[u] = mx + std::log(Z);
+      }
+    });
+  };
+  if (src.scalar_type() == at::kDouble) run(double{}); else run(float{});
+  return {out, lse, center};
+}
+
+std::tuple<Tensor, Tensor> window_soft_argmax_bwd(const Tensor& grad, const Tensor& src, const Tensor& tgt,
+                                                  const Tensor& out, const Tensor& lse, const Tensor& center,
+                                                  double tau, int64_t H, int64_t W, int64_t radius,
+                                                  bool zero_outside, bool normalize) {
+  check_pair(src, tgt, "window_soft_argmax_bwd");
+  const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1), C = src.size(2);
+  std::tuple<Tensor, Tensor> res;
+  auto run = [&](auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    const Tensor s = src.to(dt).contiguous(), t = tgt.to(dt).contiguous();
+    const Tensor g = grad.to(dt).contiguous(), o = out.to(dt).contiguous(), l = lse.to(dt).contiguous();
+    const Tensor cen_t = center.to(at::kLong).contiguous();
+    const acc_t *sp = s.data_ptr<acc_t>(), *tp = t.data_ptr<acc_t>();
+    const acc_t *gp = g.data_ptr<acc_t>(), *op = o.data_ptr<acc_t>(), *lp = l.data_ptr<acc_t>();
+    const int64_t* cen = cen_t.data_ptr<int64_t>();
+    const std::vector<acc_t> rs = inv_norms<acc_t>(sp, B * Ns, C, normalize);
+    const std::vector<acc_t> rt = inv_norms<acc_t>(tp, B * Nt, C, normalize);
+    const acc_t it = acc_t(1.0 / tau);
+    // dL/ds for one (row, in-window cell): p (⟨G, g_v⟩ − ⟨G, y⟩)/τ with p = e^{z − lse}.
+    auto ds_of = [&](int64_t u, int64_t vb, acc_t sim) {
+      const acc_t Gx = gp[2 * u], Gy = gp[2 * u + 1];
+      const acc_t D = Gx * op[2 * u] + Gy * op[2 * u + 1];
+      const acc_t p = std::exp(sim * it - lp[u]);
+      return p * (Gx * acc_t(vb % W) + Gy * acc_t(vb / W) - D) * it;
+    };
+    Tensor dsh = at::zeros_like(s), dth = at::zeros_like(t);
+    acc_t *dsp = dsh.data_ptr<acc_t>(), *dtp = dth.data_ptr<acc_t>();
+    // Pass Q: one row at a time, dâ_u = Σ_{v∈W_u} ds_uv b̂_v.
+    at::parallel_for(0, B * Ns, 16, [&](int64_t a, int64_t e) {
+      for (int64_t u = a; u < e; ++u) {
+        if (cen[u] < 0) continue;
+        const int64_t b = u / Ns;
+        const Window w = window_of(cen[u], H, W, radius);
+        for (int64_t y = w.y0; y <= w.y1; ++y)
+          for (int64_t x = w.x0; x <= w.x1; ++x) {
+            const int64_t vb = y * W + x, v = b * Nt + vb;
+            const acc_t sim = dot<acc_t>(sp + u * C, tp + v * C, C) * rs[u] * rt[v];
+            axpy<acc_t>(ds_of(u, vb, sim) * rt[v], tp + v * C, dsp + u * C, C);
+          }
+      }
+    });
+    // Pass K: one target cell at a time, over the rows whose window holds it (rows bucketed by
+    // their centre cell), db̂_v = Σ_u ds_uv â_u. Disjoint writes, no atomics.
+    std::vector<int64_t> start(B * Nt + 1, 0), rows(B * Ns);
+    for (int64_t u = 0; u < B * Ns; ++u)
+      if (cen[u] >= 0) ++start[(u / Ns) * Nt + cen[u] + 1];
+    for (int64_t i = 0; i < B * Nt; ++i) start[i + 1] += start[i];
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t u = 0; u < B * Ns; ++u)
+        if (cen[u] >= 0) rows[fill[(u / Ns) * Nt + cen[u]]++] = u;
+    }
+    at::parallel_for(0, B * Nt, 16, [&](int64_t a, int64_t e) {
+      for (int64_t v = a; v < e; ++v) {
+        const int64_t b = v / Nt, vb = v % Nt;
+        const Window w = window_of(vb, H, W, radius);  // centres whose window contains v
+        for (int64_t y = w.y0; y <= w.y1; ++y)
+          for (int64_t x = w.x0; x <= w.x1; ++x) {
+            const int64_t cb = b * Nt + y * W + x;
+            for (int64_t q = start[cb]; q < start[cb + 1]; ++q) {
+              const int64_t u = rows[q];
+              const acc_t sim = dot<acc_t>(sp + u * C, tp + v * C, C) * rs[u] * rt[v];
+              axpy<acc_t>(ds_of(u, vb, sim) * rs[u], sp + u * C, dtp + v * C, C);
+            }
+          }
+      }
+    });
+    Tensor dsrc = at::empty_like(s), dtgt = at::empty_like(t);
+    norm_backward<acc_t>(sp, rs.data(), dsp, dsrc.data_ptr<acc_t>(), B * Ns, C, normalize);
+    norm_backward<acc_t>(tp, rt.data(), dtp, dtgt.data_ptr<acc_t>(), B * Nt, C, normalize);
+    res = {dsrc.to(src.scalar_type()), dtgt.to(tgt.scalar_type())};
+  };
+  if (src.scalar_type() == at::kDouble) run(double{}); else run(float{});
+  return res;
+}
+
+}  // namespace
+}  // namespace semcorr
+
+TORCH_LIBRARY_FRAGMENT(semcorr_ext, m) {
+  m.def("soft_argmax_fwd(Tensor src, Tensor tgt, float tau, int H, int W, bool normalize) -> (Tensor, Tensor)");
+  m.def("soft_argmax_bwd(Tensor grad, Tensor src, Tensor tgt, Tensor out, Tensor lse, float tau, int H, int W, "
+        "bool normalize) -> (Tensor, Tensor)");
+  m.def("window_soft_argmax_fwd(Tensor src, Tensor tgt, float tau, int H, int W, int radius, bool zero_outside, "
+        "bool normalize) -> (Tensor, Tensor, Tensor)");
+  m.def("window_soft_argmax_bwd(Tensor grad, Tensor src, Tensor tgt, Tensor out, Tensor lse, Tensor center, "
+        "float tau, int H, int W, int radius, bool zero_outside, bool normalize) -> (Tensor, Tensor)");
+  m.def("match_topk(Tensor src, Tensor tgt, int k, Tensor? tgt_mask, bool normalize) -> (Tensor, Tensor)");
+  m.def("mutual_nn(Tensor src, Tensor tgt, bool normalize) -> (Tensor, Tensor, Tensor)");
+  m.def("instance_matching_distance(Tensor src, Tensor tgt, Tensor? src_mask, Tensor? tgt_mask, bool normalize) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(semcorr_ext, CPU, m) {
+  m.impl("soft_argmax_fwd", &semcorr::soft_argmax_fwd);
+  m.impl("soft_argmax_bwd", &semcorr::soft_argmax_bwd);
+  m.impl("window_soft_argmax_fwd", &semcorr::window_soft_argmax_fwd);
+  m.impl("window_soft_argmax_bwd", &semcorr::window_soft_argmax_bwd);
+  m.impl("match_topk", &semcorr::match_topk);
+  m.impl("mutual_nn", &semcorr::mutual_nn);
+  m.impl("instance_matching_distance", &semcorr::instance_matching_distance);
+}
