@@ -24,16 +24,24 @@ from . import _ext
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
+_TRITON: list = []  # memo of _triton_error()'s answer
+
+
 def _triton_error() -> str | None:
+    if _TRITON:
+        return _TRITON[0]
+    err = None
     try:
         import triton  # noqa: F401
     except Exception as exc:  # pragma: no cover
-        return f"triton is not importable ({exc})"
-    try:
-        from . import kernels  # noqa: F401
-    except Exception as exc:  # pragma: no cover
-        return f"semcorr_fast.kernels failed to import ({type(exc).__name__}: {exc})"
-    return None
+        err = f"triton is not importable ({exc})"
+    if err is None:
+        try:
+            from . import kernels  # noqa: F401
+        except Exception as exc:  # pragma: no cover
+            err = f"semcorr_fast.kernels failed to import ({type(exc).__name__}: {exc})"
+    _TRITON.append(err)
+    return err
 
 
 def triton_interpreter() -> bool:

@@ -10,8 +10,11 @@ import torch
 
 _C = None
 _ERROR: str | None = None
+_INFO: dict = {}
 try:  # pragma: no cover - exercised by every test run
     from . import _C  # type: ignore[attr-defined,no-redef]
+
+    _INFO = dict(_C.build_info())  # read once: plain data that torch.compile can trace through
 except Exception as exc:  # ImportError, or a broken build
     _ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -28,13 +31,13 @@ def error() -> str | None:
 def build_info() -> dict:
     if _C is None:
         return {"loaded": False, "error": _ERROR}
-    info = dict(_C.build_info())
+    info = dict(_INFO)
     info["loaded"] = True
     return info
 
 
 def has_cuda_kernels() -> bool:
-    return _C is not None and bool(_C.build_info().get("cuda", False))
+    return bool(_INFO.get("cuda", False))
 
 
 def ops():

@@ -11,14 +11,27 @@ import torch
 from .. import _ext
 
 
-def has_cuda_kernel(name: str) -> bool:
-    """Whether ``semcorr_ext::<name>`` has a CUDA C++ kernel in this build."""
+def _cuda_kernels() -> frozenset:
+    """Names of the ``semcorr_ext`` ops that have a CUDA C++ kernel in this build (read at import)."""
     if not _ext.has_cuda_kernels():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"semcorr_ext::{name}", "CUDA")
-    except RuntimeError:
-        return False
+        return frozenset()
+    names = set()
+    for name in ("soft_argmax_fwd", "window_soft_argmax_fwd", "match_topk", "mutual_nn",
+                 "instance_matching_distance", "kabsch_fwd"):
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"semcorr_ext::{name}", "CUDA"):
+                names.add(name.removesuffix("_fwd"))
+        except RuntimeError:
+            pass
+    return frozenset(names)
+
+
+_CUDA_KERNELS = _cuda_kernels()
+
+
+def has_cuda_kernel(name: str) -> bool:
+    """Whether op ``name`` has a CUDA C++ kernel in this build."""
+    return name in _CUDA_KERNELS
 
 
 def soft_argmax_fwd(src, tgt, tau, H, W, normalize):

@@ -6,6 +6,7 @@ Never the default backend.
 """
 from .correlation import (  # noqa: F401
     coordinate_grid,
+    similarity,
     instance_matching_distance,
     match_topk,
     mutual_nn,

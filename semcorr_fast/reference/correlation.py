@@ -21,7 +21,7 @@ def _acc(x: Tensor) -> Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
-def _sim(src: Tensor, tgt: Tensor, normalize: bool) -> Tensor:
+def similarity(src: Tensor, tgt: Tensor, normalize: bool) -> Tensor:
     a, b = _acc(src), _acc(tgt)
     if normalize:
         a, b = F.normalize(a, dim=-1, eps=1e-12), F.normalize(b, dim=-1, eps=1e-12)
@@ -35,7 +35,7 @@ def coordinate_grid(H: int, W: int, dtype=torch.float32, device=None) -> Tensor:
 
 
 def ncc(src: Tensor, tgt: Tensor, normalize: bool = True) -> Tensor:
-    return _sim(src, tgt, normalize).to(src.dtype)
+    return similarity(src, tgt, normalize).to(src.dtype)
 
 
 def softmax_t(sim: Tensor, tau: float, dim: int = -1) -> Tensor:
@@ -44,7 +44,7 @@ def softmax_t(sim: Tensor, tau: float, dim: int = -1) -> Tensor:
 
 def soft_argmax(src: Tensor, tgt: Tensor, tau: float, hw, normalize: bool = True) -> Tensor:
     H, W = hw
-    s = _sim(src, tgt, normalize)
+    s = similarity(src, tgt, normalize)
     p = torch.softmax(s / tau, dim=-1)
     return p @ coordinate_grid(H, W, s.dtype, s.device)
 
@@ -59,7 +59,7 @@ def _argmax_lowest(s: Tensor, dim: int = -1) -> Tensor:
 def window_soft_argmax(src: Tensor, tgt: Tensor, tau: float, hw, radius: int = 7, outside: str = "exclude",
                        normalize: bool = True) -> Tensor:
     H, W = hw
-    s = _sim(src, tgt, normalize)
+    s = similarity(src, tgt, normalize)
     c = _argmax_lowest(s)
     g = coordinate_grid(H, W, s.dtype, s.device)  # (Nt, 2)
     cc = c.clamp(min=0)
@@ -89,14 +89,14 @@ def _sorted_topk(s: Tensor, k: int):
 
 
 def match_topk(src: Tensor, tgt: Tensor, k: int = 1, tgt_mask: Tensor | None = None, normalize: bool = True):
-    s = _sim(src, tgt, normalize).nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    s = similarity(src, tgt, normalize).nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     if tgt_mask is not None:
         s = s.masked_fill(~tgt_mask[:, None, :], -torch.inf)
     return _sorted_topk(s, k)
 
 
 def mutual_nn(src: Tensor, tgt: Tensor, normalize: bool = True):
-    s = _sim(src, tgt, normalize)
+    s = similarity(src, tgt, normalize)
     s2t = _argmax_lowest(s, dim=-1)
     t2s = _argmax_lowest(s, dim=-2)
     back = torch.gather(t2s, 1, s2t.clamp(min=0))
@@ -121,7 +121,7 @@ def instance_matching_distance(src: Tensor, tgt: Tensor, src_mask: Tensor | None
 
 
 def topk_retrieval(queries: Tensor, database: Tensor, k: int, normalize: bool = True, exclude_self: bool = False):
-    s = _sim(queries[None], database[None], normalize)[0].nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    s = similarity(queries[None], database[None], normalize)[0].nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     if exclude_self:
         n = min(s.shape[0], s.shape[1])
         i = torch.arange(n, device=s.device)

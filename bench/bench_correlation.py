@@ -1,0 +1,98 @@
+"""pytest-benchmark suite of the correlation family on the fused CPU backend (issue 2's targets).
+
+Run:  .venv/bin/python -m pytest bench/bench_correlation.py --benchmark-group-by=group \
+          --benchmark-columns=min,median,max,rounds
+Each group puts the fused kernel beside the naive torch path and bare ``torch.mm`` on the same FLOPs;
+peak resident memory above the starting level is stored in each result's ``extra_info``.
+The numbers in docs/benchmarks.md come from this file.
+"""
+import pytest
+import torch
+
+from semcorr_fast import bench as B
+from semcorr_fast import ops
+
+SIDE, C, TAU = 60, 768, 0.02
+HW = (SIDE, SIDE)
+N = SIDE * SIDE
+
+
+def _feats(dtype, seed, n=N, c=C, grad=False):
+    return B.features(1, n, c, dtype, seed, grad)
+
+
+def _run(benchmark, fn, rounds=5):
+    benchmark.extra_info["peak_extra_MiB"] = B.peak_extra_mib(fn)
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("dt", list(DT))
+@pytest.mark.parametrize("impl", ["fused", "naive", "mm_floor"])
+def test_soft_argmax_60(benchmark, dt, impl):
+    benchmark.group = f"soft_argmax 60x60 C=768 {dt}"
+    s, t = _feats(DT[dt], 0), _feats(DT[dt], 1)
+    fn = {
+        "fused": lambda: ops.soft_argmax(s, t, TAU, HW, backend="cpu"),
+        "naive": lambda: B.naive_soft_argmax(s, t, TAU, HW),
+        "mm_floor": lambda: torch.mm(s[0], t[0].T),
+    }[impl]
+    with torch.no_grad():
+        _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_soft_argmax_60_naive_fp32_vs_fused_bf16(benchmark, impl):
+    benchmark.group = "soft_argmax 60x60: fused bf16 vs naive fp32"
+    dt = torch.bfloat16 if impl == "fused" else torch.float32
+    s, t = _feats(dt, 0), _feats(dt, 1)
+    fn = (lambda: ops.soft_argmax(s, t, TAU, HW, backend="cpu")) if impl == "fused" else \
+        (lambda: B.naive_soft_argmax(s, t, TAU, HW))
+    with torch.no_grad():
+        _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_window_soft_argmax_60(benchmark, impl):
+    benchmark.group = "window_soft_argmax r=7 60x60 C=768 fp32"
+    s, t = _feats(torch.float32, 0), _feats(torch.float32, 1)
+    fn = (lambda: ops.window_soft_argmax(s, t, TAU, HW, 7, outside="zero", backend="cpu")) if impl == "fused" else \
+        (lambda: B.naive_window_soft_argmax(s, t, TAU, HW, 7))
+    with torch.no_grad():
+        _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_match_topk_60(benchmark, impl, k):
+    benchmark.group = f"match_topk k={k} 60x60 C=768 fp32"
+    s, t = _feats(torch.float32, 0), _feats(torch.float32, 1)
+    fn = (lambda: ops.match_topk(s, t, k, backend="cpu")) if impl == "fused" else (lambda: B.naive_match_topk(s, t, k))
+    with torch.no_grad():
+        _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("impl", ["fused_30_rows", "naive_all_rows_then_index"])
+def test_keypoint_mode(benchmark, impl):
+    benchmark.group = "keypoint mode: 30 query rows vs a 60x60 map, C=768 fp32"
+    s, t = _feats(torch.float32, 0), _feats(torch.float32, 1)
+    kp = s[:, :30].contiguous()
+    fn = (lambda: ops.soft_argmax(kp, t, TAU, HW, backend="cpu")) if impl.startswith("fused") else \
+        (lambda: B.naive_soft_argmax(s, t, TAU, HW)[:, :30])
+    with torch.no_grad():
+        _run(benchmark, fn)
+
+
+def test_soft_argmax_fwd_bwd_160(benchmark):
+    """160×160, C = 256, forward + backward: the naive path would hold 655M-entry matrices (>10 GB)."""
+    benchmark.group = "soft_argmax fwd+bwd 160x160 C=256 fp32"
+    side = 160
+    s = _feats(torch.float32, 2, side * side, 256, grad=True)
+    t = _feats(torch.float32, 3, side * side, 256, grad=True)
+
+    def fn():
+        ops.soft_argmax(s, t, 0.05, (side, side), backend="cpu").sum().backward()
+
+    _run(benchmark, fn, rounds=2)

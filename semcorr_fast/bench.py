@@ -1,0 +1,204 @@
+"""Side-by-side latency and peak-memory measurements: fused kernels vs the naive torch paths.
+
+``semcorr bench`` prints a table; ``bench/`` holds the pytest-benchmark suites built on the same
+cases. The naive paths are what the papers' code does (normalise, one dense ``@``, softmax or
+argmax, another ``@``), in the input dtype.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .reference import coordinate_grid
+
+
+# ----------------------------------------------------------------------------- naive paths
+def naive_soft_argmax(src, tgt, tau, hw):
+    a, b = F.normalize(src, dim=-1), F.normalize(tgt, dim=-1)
+    p = torch.softmax((a @ b.transpose(1, 2)) / tau, dim=-1)
+    return p @ coordinate_grid(*hw, p.dtype)
+
+
+def naive_window_soft_argmax(src, tgt, tau, hw, radius):
+    """GeoAware-SC's evaluation path: dense sim, argmax, a dense window mask, zeros outside, softmax."""
+    H, W = hw
+    a, b = F.normalize(src, dim=-1), F.normalize(tgt, dim=-1)
+    s = a @ b.transpose(1, 2)
+    c = s.argmax(-1)
+    g = coordinate_grid(H, W, s.dtype)
+    inside = ((g[:, 0] - (c % W)[..., None]).abs() <= radius) & ((g[:, 1] - (c // W)[..., None]).abs() <= radius)
+    s = s * inside
+    return torch.softmax(s / tau, dim=-1) @ g
+
+
+def naive_match_topk(src, tgt, k):
+    a, b = F.normalize(src, dim=-1), F.normalize(tgt, dim=-1)
+    return torch.topk(a @ b.transpose(1, 2), k, dim=-1)
+
+
+# ----------------------------------------------------------------------------- measurement
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:  # Linux ≥ 4.0: writing 5 resets the peak-RSS high-water mark of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory above the current level while ``fn`` runs (MiB), or None if unknown."""
+    gc.collect()
+    if not _reset_hwm():
+        return None
+    base = _rss_kib()
+    out = fn()
+    peak = _hwm_kib()
+    del out
+    gc.collect()
+    return max(0.0, (peak - base) / 1024)
+
+
+def time_ms(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time in ms (median of ``repeat`` runs after ``warmup``)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+@dataclass
+class Row:
+    case: str
+    fused_ms: float
+    naive_ms: float
+    fused_mib: float | None
+    naive_mib: float | None
+    note: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.naive_ms / self.fused_ms
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def features(B, n, C, dtype, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, n, C, generator=g).to(dtype)
+    return x.requires_grad_(grad)
+
+
+def cases(quick: bool = True):
+    """(name, fused fn, naive fn, note) for the table. 60×60 maps, C = 768, as in GeoAware-SC."""
+    side, C, tau = 60, 768, 0.02
+    hw = (side, side)
+    n = side * side
+    out = []
+    for dt in ([torch.float32, torch.bfloat16]):
+        s, t = features(1, n, C, dt, 0), features(1, n, C, dt, 1)
+        name = str(dt).replace("torch.", "")
+        out.append((f"soft_argmax 60x60 C=768 {name}",
+                    lambda s=s, t=t: ops.soft_argmax(s, t, tau, hw, backend="cpu"),
+                    lambda s=s, t=t: naive_soft_argmax(s, t, tau, hw), ""))
+        out.append((f"torch.mm floor (same FLOPs) {name}",
+                    lambda s=s, t=t: torch.mm(s[0], t[0].T),
+                    lambda s=s, t=t: naive_soft_argmax(s, t, tau, hw), "fused column = bare GEMM"))
+    s, t = features(1, n, C, torch.float32, 0), features(1, n, C, torch.float32, 1)
+    out.append(("window_soft_argmax r=7 float32",
+                lambda: ops.window_soft_argmax(s, t, tau, hw, 7, outside="zero", backend="cpu"),
+                lambda: naive_window_soft_argmax(s, t, tau, hw, 7), ""))
+    out.append(("match_topk k=1 float32",
+                lambda: ops.match_topk(s, t, 1, backend="cpu"),
+                lambda: naive_match_topk(s, t, 1), ""))
+    kp = s[:, :30].contiguous()
+    out.append(("keypoint rows: 30 vs all 3600 float32",
+                lambda: ops.soft_argmax(kp, t, tau, hw, backend="cpu"),
+                lambda: naive_soft_argmax(s, t, tau, hw)[:, :30], "naive computes all rows, then indexes"))
+    if not quick:
+        side2, C2 = 160, 256
+        s2 = features(1, side2 * side2, C2, torch.float32, 2, grad=True)
+        t2 = features(1, side2 * side2, C2, torch.float32, 3, grad=True)
+
+        def fused_fb():
+            ops.soft_argmax(s2, t2, 0.05, (side2, side2), backend="cpu").sum().backward()
+
+        out.append(("soft_argmax fwd+bwd 160x160 C=256 float32", fused_fb, None,
+                    "naive needs >10 GB: not run"))
+    return out
+
+
+def run(quick: bool = True, repeat: int | None = None) -> list[Row]:
+    rows = []
+    repeat = repeat or (3 if quick else 5)
+    for name, fused, naive, note in cases(quick):
+        with torch.no_grad() if "bwd" not in name else torch.enable_grad():
+            f_ms = time_ms(fused, repeat=repeat)
+            f_mib = peak_extra_mib(fused)
+            if naive is not None:
+                n_ms = time_ms(naive, repeat=repeat)
+                n_mib = peak_extra_mib(naive)
+            else:
+                n_ms, n_mib = float("nan"), None
+        rows.append(Row(name, f_ms, n_ms, f_mib, n_mib, note))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    def mib(x):
+        return "n/a" if x is None else f"{x:.0f}"
+
+    lines = [f"machine: {machine()}",
+             "| case | fused ms | naive ms | speedup | fused peak MiB | naive peak MiB | note |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        sp = "" if r.naive_ms != r.naive_ms else f"{r.speedup:.2f}x"
+        lines.append(f"| {r.case} | {r.fused_ms:.1f} | {r.naive_ms:.1f} | {sp} | {mib(r.fused_mib)} | "
+                     f"{mib(r.naive_mib)} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main(quick: bool = True) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    print(format_table(run(quick=quick)))
+    return 0
