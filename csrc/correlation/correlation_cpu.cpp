@@ -10,6 +10,7 @@
 
 #include "common/stream_engine.h"
 #include "correlation/correlation.h"
+#include "correlation/correlation_core.h"
 
 namespace semcorr {
 namespace {
@@ -192,14 +193,7 @@ struct TopK {
         : e(e_), b(b_), r0(r0_), m(m_), v(m_ * e_.k, -kInf<acc_t>), id(m_ * e_.k, -1) {}
 
     inline void insert(acc_t* vi, int64_t* ii, acc_t s, int64_t index) const {
-      int64_t pos = e.k - 1;
-      while (pos > 0 && vi[pos - 1] < s) {
-        vi[pos] = vi[pos - 1];
-        ii[pos] = ii[pos - 1];
-        --pos;
-      }
-      vi[pos] = s;
-      ii[pos] = index;
+      core::topk_insert<acc_t>(vi, ii, e.k, s, index);
     }
     void tile(const acc_t* S, int64_t ld, int64_t c0, int64_t n) {
       using V = Vectorized<acc_t>;
@@ -487,15 +481,8 @@ Tensor instance_matching_distance(const Tensor& src, const Tensor& tgt, const st
 // ------------------------------------------------------------------ window soft-argmax
 // Pass 1 is the engine's top-1; pass 2 visits only the ≤(2r+1)² window cells of each row, on acc_t
 // features (bf16/fp16 inputs are converted once, O(N·C)).
-struct Window {
-  int64_t x0, x1, y0, y1;
-  int64_t count() const { return (x1 - x0 + 1) * (y1 - y0 + 1); }
-};
-inline Window window_of(int64_t c, int64_t H, int64_t W, int64_t r) {
-  const int64_t xc = c % W, yc = c / W;
-  return {std::max<int64_t>(0, xc - r), std::min<int64_t>(W - 1, xc + r), std::max<int64_t>(0, yc - r),
-          std::min<int64_t>(H - 1, yc + r)};
-}
+using core::Window;
+using core::window_of;
 
 template <typename acc_t>
 std::vector<int64_t> argmax_rows(const Tensor& src, const Tensor& tgt, bool normalize) {
@@ -533,7 +520,6 @@ std::tuple<Tensor, Tensor, Tensor> window_soft_argmax_fwd(const Tensor& src, con
     acc_t* o = out.data_ptr<acc_t>();
     acc_t* l = lse.data_ptr<acc_t>();
     const acc_t it = acc_t(1.0 / tau);
-    const acc_t gtx = acc_t(H) * acc_t(W) * acc_t(W - 1) / 2, gty = acc_t(W) * acc_t(H) * acc_t(H - 1) / 2;
     at::parallel_for(0, B * Ns, 16, [&](int64_t a, int64_t e) {
       std::vector<acc_t> z;
       for (int64_t u = a; u < e; ++u) {
@@ -553,8 +539,7 @@ std::tuple<Tensor, Tensor, Tensor> window_soft_argmax_fwd(const Tensor& src, con
             z[q] = dot<acc_t>(sp + u * C, tp + v * C, C) * rs[u] * rt[v] * it;
             mx = nan_max(mx, z[q]);
           }
-        const bool outside = zero_outside && cnt < Nt;
-        if (outside) mx = nan_max(mx, acc_t(0));
+        mx = core::window_shift<acc_t>(mx, cnt, Nt, zero_outside);
         acc_t Z = 0, sx = 0, sy = 0;
         q = 0;
         for (int64_t y = w.y0; y <= w.y1; ++y)
@@ -564,15 +549,7 @@ std::tuple<Tensor, Tensor, Tensor> window_soft_argmax_fwd(const Tensor& src, con
             sx += p * acc_t(x);
             sy += p * acc_t(y);
           }
-        if (outside) {
-          // Outside cells have logit 0: (Nt − w) of them, coordinate sums in closed form.
-          const acc_t e0 = std::exp(-mx);
-          const acc_t nx = acc_t(w.y1 - w.y0 + 1), ny = acc_t(w.x1 - w.x0 + 1);
-          const acc_t wsx = nx * acc_t(w.x0 + w.x1) * ny / 2, wsy = ny * acc_t(w.y0 + w.y1) * nx / 2;
-          Z += acc_t(Nt - cnt) * e0;
-          sx += e0 * (gtx - wsx);
-          sy += e0 * (gty - wsy);
-        }
+        if (zero_outside && cnt < Nt) core::window_add_outside<acc_t>(w, H, W, mx, Z, sx, sy);
         o[2 * u] = sx / Z;
         o[2 * u + 1] = sy / Z;
         l[u] = mx + std::log(Z);
@@ -605,9 +582,8 @@ std::tuple<Tensor, Tensor> window_soft_argmax_bwd(const Tensor& grad, const Tens
     // dL/ds for one (row, in-window cell): p (⟨G, g_v⟩ − ⟨G, y⟩)/τ with p = e^{z − lse}.
     auto ds_of = [&](int64_t u, int64_t vb, acc_t sim) {
       const acc_t Gx = gp[2 * u], Gy = gp[2 * u + 1];
-      const acc_t D = Gx * op[2 * u] + Gy * op[2 * u + 1];
-      const acc_t p = std::exp(sim * it - lp[u]);
-      return p * (Gx * acc_t(vb % W) + Gy * acc_t(vb / W) - D) * it;
+      return core::soft_argmax_ds<acc_t>(sim, it, lp[u], Gx, Gy, acc_t(vb % W), acc_t(vb / W),
+                                         Gx * op[2 * u] + Gy * op[2 * u + 1]);
     };
     Tensor dsh = at::zeros_like(s), dth = at::zeros_like(t);
     acc_t *dsp = dsh.data_ptr<acc_t>(), *dtp = dth.data_ptr<acc_t>();
