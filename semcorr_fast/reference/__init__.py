@@ -4,6 +4,7 @@ They are written from the definitions in ``../shared/docs/ops-contract.md`` with
 (autograd gives their gradients), and they build the full Ns×Nt matrices the fused kernels avoid.
 Never the default backend.
 """
+from .kabsch import kabsch_reference  # noqa: F401
 from .correlation import (  # noqa: F401
     coordinate_grid,
     similarity,

@@ -113,7 +113,9 @@ def kabsch_reference(src: torch.Tensor, tgt: torch.Tensor, weights: torch.Tensor
         gap = 2 * (S[:, 1] + sign * S[:, 2])
         rot_degenerate = gap <= tol * (S * Dg).sum(-1)
     else:
-        rot_degenerate = (S * Dg).sum(-1) <= tol * torch.linalg.matrix_norm(M)
+        # Norms of M / max|M_ij| (squares of huge float32 entries would overflow).
+        m = M.abs().amax((-2, -1)).clamp_min(torch.finfo(dtype).tiny)
+        rot_degenerate = (S * Dg).sum(-1) / m <= tol * torch.linalg.matrix_norm(M / m[:, None, None])
     info = torch.where(rot_degenerate, torch.full_like(info, DEGENERATE), info)
     info = torch.where(empty, torch.full_like(info, EMPTY), info)
     info = torch.where(nonfinite, torch.full_like(info, NONFINITE), info)
