@@ -475,3 +475,182 @@ def test_no_ns_by_nt_matrix_forward_and_backward():
     assert res.returncode == 0, res.stderr
     extra_mib = float(res.stdout.strip().splitlines()[-1])
     assert extra_mib < 256, f"peak grew by {extra_mib:.0f} MiB; an Ns×Nt fp32 matrix is 1024 MiB"
+
+
+# ============================================================================= training-loss family
+LOSS_SHAPES = SHAPES[:4] + [(2, 150, (17, 19), 12)]
+
+
+def skip_loss(backend, dtype, fn):
+    skip_unsupported(backend, dtype)
+    if backend == "triton":
+        import semcorr_fast.kernels as k
+        if not hasattr(k, fn):
+            pytest.skip(f"the Triton backend has no {fn} yet")
+
+
+def make_target(shape, device, seed=11, dtype=torch.float32):
+    B, Ns, (H, W), _ = shape
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(B, Ns, 2, generator=g) * torch.tensor([W - 1, H - 1]) if H * W > 1 else torch.zeros(B, Ns, 2)
+    t[..., : max(1, Ns // 3), :] = t[..., : max(1, Ns // 3), :].round()  # some targets exactly on a cell centre
+    return t.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("si", range(len(LOSS_SHAPES)))
+@pytest.mark.parametrize("p", [1.0, 0.5, 2.0])
+def test_expected_cost_values_and_grads(backend, device, dtype, si, p, small_tiles):
+    skip_loss(backend, dtype, "expected_cost_fwd")
+    shape = LOSS_SHAPES[si]
+    src, tgt = make(shape, dtype, device, seed=12)
+    t = make_target(shape, device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    fn = lambda a, b: ops.expected_cost(a, b, 0.2, t, shape[2], p=p, backend=backend)  # noqa: E731
+    rfn = lambda a, b: ref.expected_cost(a, b, 0.2, t, shape[2], p)  # noqa: E731
+    out, gs, gt = grad_pair(fn, src, tgt)
+    rout, rs, rt = grad_pair(rfn, src, tgt)
+    assert out.shape == shape[:2]
+    scale = max(shape[2])
+    close(out, rout, dtype, scale=scale)
+    gscale = 10 * scale * (1 if dtype in (torch.float32, torch.float64) else 10)
+    close(gs, rs, dtype, scale=gscale)
+    close(gt, rt, dtype, scale=gscale)
+    assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("si", range(len(LOSS_SHAPES)))
+def test_softmax_aggregate_values_and_grads(backend, device, dtype, si, small_tiles):
+    skip_loss(backend, dtype, "softmax_aggregate_fwd")
+    shape = LOSS_SHAPES[si]
+    src, tgt = make(shape, dtype, device, seed=13)
+    vals = make((shape[0], shape[1], shape[2], 5), dtype, device, seed=14)[1]
+    vals = vals.detach().clone().requires_grad_(True)
+    src = src.detach().clone().requires_grad_(True)
+    tgt = tgt.detach().clone().requires_grad_(True)
+    w = torch.randn(shape[0], shape[1], 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    out = ops.softmax_aggregate(src, tgt, vals, 0.1, backend=backend)
+    (out * w.to(out)).sum().backward()
+    got = [src.grad, tgt.grad, vals.grad]
+    for x in (src, tgt, vals):
+        x.grad = None
+    rout = ref.softmax_aggregate(src, tgt, vals, 0.1)
+    (rout * w.to(rout)).sum().backward()
+    close(out, rout, dtype, scale=4)
+    scale = 40 * (1 if dtype in (torch.float32, torch.float64) else 10)
+    for g, r in zip(got, [src.grad, tgt.grad, vals.grad]):
+        close(g, r, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("si", range(len(LOSS_SHAPES)))
+@pytest.mark.parametrize("loss", ["ce", "mse", "l1"])
+def test_rowsoftmax_distill_values_and_grads(backend, device, dtype, si, loss, small_tiles):
+    skip_loss(backend, dtype, "rowsoftmax_distill_fwd")
+    B, Ns, hw, C = LOSS_SHAPES[si]
+    s_src, s_tgt = make((B, Ns, hw, C), dtype, device, seed=16)
+    t_src, t_tgt = make((B, Ns, hw, C + 7), dtype, device, seed=17)  # teacher has other channels
+    fn = lambda a, b: ops.rowsoftmax_distill(t_src, t_tgt, a, b, 0.2, 0.4, loss=loss, backend=backend)  # noqa: E731
+    rfn = lambda a, b: ref.rowsoftmax_distill(t_src, t_tgt, a, b, 0.2, 0.4, loss)  # noqa: E731
+    out, gs, gt = grad_pair(fn, s_src, s_tgt)
+    rout, rs, rt = grad_pair(rfn, s_src, s_tgt)
+    close(out, rout, dtype, scale=4)
+    scale = 40 * (1 if dtype in (torch.float32, torch.float64) else 10)
+    close(gs, rs, dtype, scale=scale)
+    close(gt, rt, dtype, scale=scale)
+
+
+def test_distill_teacher_gets_no_gradient(backend, device):
+    skip_loss(backend, torch.float32, "rowsoftmax_distill_fwd")
+    s_src, s_tgt = make((1, 6, (2, 4), 5), torch.float32, device)
+    t_src, t_tgt = make((1, 6, (2, 4), 9), torch.float32, device, seed=3)
+    t_src.requires_grad_(True)
+    s_src.requires_grad_(True)
+    ops.rowsoftmax_distill(t_src, t_tgt, s_src, s_tgt, 0.2, 0.4, loss="mse", backend=backend).sum().backward()
+    assert t_src.grad is None and s_src.grad is not None
+
+
+def test_gradcheck_losses_fp64(backend, device, small_tiles):
+    skip_loss(backend, torch.float64, "expected_cost_fwd")
+    g = torch.Generator().manual_seed(18)
+    src = torch.randn(2, 5, 3, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    tgt = torch.randn(2, 12, 3, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    vals = torch.randn(2, 12, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    t = make_target((2, 5, (3, 4), 3), device, dtype=torch.float64)
+    for p in (1.0, 0.5):
+        assert torch.autograd.gradcheck(lambda a, b: ops.expected_cost(a, b, 0.4, t, (3, 4), p=p, backend=backend),
+                                        (src, tgt))
+    assert torch.autograd.gradcheck(lambda a, b, v: ops.softmax_aggregate(a, b, v, 0.4, backend=backend),
+                                    (src, tgt, vals))
+    ts = torch.randn(2, 5, 6, generator=g, dtype=torch.float64).to(device)
+    tt = torch.randn(2, 12, 6, generator=g, dtype=torch.float64).to(device)
+    for loss in ("ce", "mse", "l1"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: ops.rowsoftmax_distill(ts, tt, a, b, 0.3, 0.5, loss=loss, backend=backend), (src, tgt))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), tau_t=st.floats(0.05, 2.0), tau_s=st.floats(0.05, 2.0))
+def test_property_distill(backend, device, seed, tau_t, tau_s):
+    """ce ≥ entropy of a (Gibbs); mse = l1 = 0 and ce = entropy when teacher = student at the same τ."""
+    if backend == "triton":
+        skip_loss(backend, torch.float32, "rowsoftmax_distill_fwd")
+    g = torch.Generator().manual_seed(seed)
+    f_src = torch.randn(1, 7, 6, generator=g, dtype=torch.float64).to(device)
+    f_tgt = torch.randn(1, 10, 6, generator=g, dtype=torch.float64).to(device)
+    s_src = torch.randn(1, 7, 4, generator=g, dtype=torch.float64).to(device)
+    s_tgt = torch.randn(1, 10, 4, generator=g, dtype=torch.float64).to(device)
+    if backend == "triton":
+        f_src, f_tgt, s_src, s_tgt = (x.float() for x in (f_src, f_tgt, s_src, s_tgt))
+    a = torch.softmax(ref.similarity(f_src, f_tgt, True) / tau_t, -1)
+    entropy = -(a * a.clamp_min(1e-300).log()).sum(-1)
+    ce = ops.rowsoftmax_distill(f_src, f_tgt, s_src, s_tgt, tau_t, tau_s, loss="ce", backend=backend)
+    assert (ce.double() >= entropy.double() - 1e-4).all()
+    same_ce = ops.rowsoftmax_distill(f_src, f_tgt, f_src, f_tgt, tau_t, tau_t, loss="ce", backend=backend)
+    torch.testing.assert_close(same_ce.double(), entropy.double(), atol=1e-4, rtol=1e-4)
+    for loss in ("mse", "l1"):
+        z = ops.rowsoftmax_distill(f_src, f_tgt, f_src, f_tgt, tau_t, tau_t, loss=loss, backend=backend)
+        assert z.abs().max() < 1e-4
+
+
+def test_temperature_conventions_agree(backend, device):
+    """Demystifying's code scales each unit vector by t (logits = t²·cos): the same numbers as τ = 1/t²."""
+    skip_loss(backend, torch.float32, "expected_cost_fwd")
+    src, tgt = make((2, 9, (4, 5), 6), torch.float64 if backend != "triton" else torch.float32, device, seed=19)
+    t = 20.0  # EQ's ×20 per vector
+    scaled_src = torch.nn.functional.normalize(src, dim=-1) * t
+    scaled_tgt = torch.nn.functional.normalize(tgt, dim=-1) * t
+    target = make_target((2, 9, (4, 5), 6), device, dtype=src.dtype)
+    tau = ops.tau_from_logit_scale(t)
+    a = ops.expected_cost(src, tgt, tau, target, (4, 5), backend=backend)
+    b = ops.expected_cost(scaled_src, scaled_tgt, 1.0, target, (4, 5), normalize=False, backend=backend)
+    torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)
+    # CLIP-style: the cosine multiplied once by t
+    assert ops.tau_from_logit_scale(t, per_vector=False) == pytest.approx(1 / t)
+    c = ops.rowsoftmax_distill(src, tgt, src, tgt, ops.tau_from_logit_scale(10.0), tau, loss="mse", backend=backend)
+    d = ops.rowsoftmax_distill(torch.nn.functional.normalize(src, dim=-1) * 10, torch.nn.functional.normalize(tgt, dim=-1) * 10,
+                               scaled_src, scaled_tgt, 1.0, 1.0, loss="mse", normalize=False, backend=backend)
+    torch.testing.assert_close(c.double(), d.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_expected_cost_p_below_one_at_cell_centres(backend, device):
+    """p < 1 with targets exactly on cell centres: finite value and finite gradients."""
+    skip_loss(backend, torch.float32, "expected_cost_fwd")
+    src, tgt = make((1, 12, (3, 4), 5), torch.float32, device, planted=True)
+    grid = ref.coordinate_grid(3, 4)[None, :12].to(device)
+    for p in (0.25, 0.5):
+        _, gs, gt = grad_pair(lambda a, b: ops.expected_cost(a, b, 0.1, grid, (3, 4), p=p, backend=backend), src, tgt)
+        assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+def test_losses_opcheck():
+    from semcorr_fast.ops import losses as Lo
+    src, tgt = make((2, 5, (2, 3), 4), torch.float32, "cpu")
+    t = make_target((2, 5, (2, 3), 4), "cpu")
+    v = torch.randn(2, 6, 3)
+    src.requires_grad_(True)
+    tgt.requires_grad_(True)
+    torch.library.opcheck(Lo._ec_op, (src, tgt, t, 0.3, 2, 3, 1.0, True, "cpu"))
+    torch.library.opcheck(Lo._agg_op, (src, tgt, v.requires_grad_(True), 0.3, True, "cpu"))
+    ts, tt = make((2, 5, (2, 3), 7), torch.float32, "cpu", seed=3)
+    torch.library.opcheck(Lo._distill_op, (ts, tt, src, tgt, 0.2, 0.4, 1, True, "cpu"))

@@ -69,3 +69,31 @@ def test_errors_come_before_dispatch(backend):
     """The same checks guard every backend, the reference included."""
     with pytest.raises(ValueError, match="radius"):
         ops.window_soft_argmax(S, T, 0.1, HW, -2, backend=backend)
+
+
+LOSS_CASES = {
+    "ec target shape": (lambda: ops.expected_cost(S, T, 0.1, torch.zeros(2, 4, 2), HW), ValueError,
+                        r"target_xy must have shape \(2, 5, 2\)"),
+    "ec target int": (lambda: ops.expected_cost(S, T, 0.1, torch.zeros(2, 5, 2, dtype=torch.long), HW), TypeError,
+                      r"target_xy must be a floating"),
+    "ec p": (lambda: ops.expected_cost(S, T, 0.1, torch.zeros(2, 5, 2), HW, p=0.0), ValueError, r"p must be"),
+    "ec hw": (lambda: ops.expected_cost(S, T, 0.1, torch.zeros(2, 5, 2), (3, 3)), ValueError, r"hw"),
+    "agg values shape": (lambda: ops.softmax_aggregate(S, T, torch.zeros(2, 5, 3), 0.1), ValueError,
+                         r"values must have shape \(B, Nt, Cv\)"),
+    "agg tau": (lambda: ops.softmax_aggregate(S, T, torch.zeros(2, 6, 3), -0.1), ValueError, r"tau"),
+    "distill loss": (lambda: ops.rowsoftmax_distill(S, T, S, T, 0.2, 0.4, loss="kl"), ValueError, r"loss must be"),
+    "distill shapes": (lambda: ops.rowsoftmax_distill(S[:, :3], T, S, T, 0.2, 0.4), ValueError,
+                       r"same B, Ns and Nt"),
+    "distill dtype": (lambda: ops.rowsoftmax_distill(S.double(), T.double(), S, T, 0.2, 0.4), TypeError,
+                      r"same dtype"),
+    "distill tau": (lambda: ops.rowsoftmax_distill(S, T, S, T, 0.0, 0.4), ValueError, r"tau_teacher"),
+    "distill student C": (lambda: ops.rowsoftmax_distill(S, T, S, T[..., :2], 0.2, 0.4), ValueError,
+                          r"s_src and s_tgt must have the same channel count"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSS_CASES))
+def test_bad_loss_input(name):
+    fn, exc, msg = LOSS_CASES[name]
+    with pytest.raises(exc, match=msg):
+        fn()

@@ -16,10 +16,15 @@
 //
 // Epilogue concepts (see csrc/correlation/correlation_cpu.cpp for the ops):
 //   Forward:  struct Block { Block(Epi&, int64_t b, int64_t r0, int64_t m);
-//                            void tile(acc_t* S, int64_t ld, int64_t c0, int64_t n);
+//                            void tile(acc_t* S, int64_t ld, int64_t c0, int64_t n);  // may overwrite S
 //                            void finish(); };
-//   Backward: void grad(int64_t b, int64_t r0, int64_t m, int64_t c0, int64_t n, acc_t* S, int64_t ld)
-//             turns the cosine tile S into dL/ds in place (columns ≥ n are ignored).
+//             (stream_forward2 streams two feature sets at once — teacher and student — and calls
+//              tile(SA, SB, ld, c0, n).)
+//   Backward: void grad(int64_t b, int64_t r0, int64_t m, int64_t c0, int64_t n, acc_t* S, int64_t ld,
+//                       bool pass_k)
+//             turns the cosine tile S into dL/ds in place (columns ≥ n are ignored). pass_k tells the
+//             epilogue that this call owns target tile [c0, c0+n) exclusively (pass K), which is where
+//             an op accumulates gradients of per-target tensors (softmax_aggregate's values).
 #pragma once
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -223,6 +228,38 @@ void stream_forward(const StreamInput<T>& in, Epi& epi, int64_t b_lo = 0, int64_
   });
 }
 
+// Forward pass over two feature sets with the same B, Ns, Nt (teacher and student of a distillation
+// loss; their channel counts may differ): the epilogue sees both score tiles of each position.
+template <typename T, typename Epi>
+void stream_forward2(const StreamInput<T>& A, const StreamInput<T>& Bin, Epi& epi) {
+  using acc_t = acc_type_t<T>;
+  TORCH_CHECK(A.B == Bin.B && A.Ns == Bin.Ns && A.Nt == Bin.Nt, "stream_forward2: shapes differ");
+  if (A.B == 0 || A.Ns == 0 || A.Nt == 0) return;
+  const Blocking blk = Blocking::choose(A.B, A.Ns, A.Nt, !std::is_same_v<T, acc_t>);
+  const detail::ScoreTiles<T> ta(A, blk.BN), tb(Bin, blk.BN);
+  const int64_t nblk = ceil_div(A.Ns, blk.BM);
+  at::parallel_for(0, A.B * nblk, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<acc_t> SA(size_t(blk.BM) * blk.BN), SB(size_t(blk.BM) * blk.BN);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / nblk, r0 = (w % nblk) * blk.BM, m = std::min(blk.BM, A.Ns - r0);
+      typename Epi::Block block(epi, b, r0, m);
+      for (int64_t t = 0; t < ta.ntile; ++t) {
+        const int64_t c0 = t * blk.BN, n = std::min(blk.BN, A.Nt - c0);
+        ta.scores(b, r0, m, t, SA.data());
+        tb.scores(b, r0, m, t, SB.data());
+        if (A.normalize)
+          scale_tile<acc_t>(SA.data(), blk.BN, m, n, A.rs.data() + b * A.Ns + r0, A.rt.data() + b * A.Nt + c0);
+        if (Bin.normalize)
+          scale_tile<acc_t>(SB.data(), blk.BN, m, n, Bin.rs.data() + b * Bin.Ns + r0, Bin.rt.data() + b * Bin.Nt + c0);
+        block.tile(SA.data(), SB.data(), blk.BN, c0, n);
+      }
+      block.finish();
+    }
+    ta.release();
+    tb.release();
+  });
+}
+
 // Backward streaming passes on acc_t features (bf16/fp16 callers convert first: the backward
 // accumulates in fp32 anyway). dsrc_hat (B·Ns×C) and dtgt_hat (B·Nt×C) receive dL/dâ and dL/db̂
 // (the gradients w.r.t. the normalised features; see norm_backward). Either may be null.
@@ -246,7 +283,7 @@ void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_h
           const acc_t* Bt = in.tgt + (b * in.Nt + c0) * C;
           gemm::scores<acc_t>(m, n, C, A, C, Bt, C, S.data(), BN);
           if (in.normalize) scale_tile<acc_t>(S.data(), BN, m, n, rs + b * in.Ns + r0, rt + b * in.Nt + c0);
-          epi.grad(b, r0, m, c0, n, S.data(), BN);
+          epi.grad(b, r0, m, c0, n, S.data(), BN, false);
           if (in.normalize) scale_cols<acc_t>(S.data(), BN, m, n, rt + b * in.Nt + c0);
           gemm::acc_pb<acc_t>(m, n, C, S.data(), BN, Bt, C, dsrc_hat + (b * in.Ns + r0) * C, C);
         }
@@ -269,7 +306,7 @@ void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_h
           const acc_t* A = in.src + (b * in.Ns + r0) * C;
           gemm::scores<acc_t>(m, n, C, A, C, Bt, C, S.data(), BNk);
           if (in.normalize) scale_tile<acc_t>(S.data(), BNk, m, n, rs + b * in.Ns + r0, rt + b * in.Nt + c0);
-          epi.grad(b, r0, m, c0, n, S.data(), BNk);
+          epi.grad(b, r0, m, c0, n, S.data(), BNk, true);
           if (in.normalize) scale_rows<acc_t>(S.data(), BNk, m, n, rs + b * in.Ns + r0);
           gemm::acc_pta<acc_t>(m, n, C, S.data(), BNk, A, C, dtgt_hat + (b * in.Nt + c0) * C, C);
         }

@@ -14,6 +14,7 @@ from .correlation import (  # noqa: F401
     topk_retrieval,
     window_soft_argmax,
 )
+from .losses import expected_cost, rowsoftmax_distill, softmax_aggregate, tau_from_logit_scale  # noqa: F401
 
 try:  # geometry (Kabsch/Umeyama); see semcorr_fast/ops/kabsch.py
     from .kabsch import apply_similarity, kabsch, row_matrix_to_similarity, similarity_to_row_matrix  # noqa: F401

@@ -83,3 +83,27 @@ def ncc(src, tgt, normalize):
 def softmax_t(sim, tau, dim):
     acc = torch.float64 if sim.dtype == torch.float64 else torch.float32
     return torch.softmax(sim.to(acc) / tau, dim=dim).to(sim.dtype)
+
+
+def expected_cost_fwd(src, tgt, target_xy, tau, H, W, p, normalize):
+    return _ext.ops().expected_cost_fwd(src, tgt, target_xy, tau, H, W, p, normalize)
+
+
+def expected_cost_bwd(grad, src, tgt, target_xy, loss, lse, tau, H, W, p, normalize):
+    return _ext.ops().expected_cost_bwd(grad, src, tgt, target_xy, loss, lse, tau, H, W, p, normalize)
+
+
+def softmax_aggregate_fwd(src, tgt, values, tau, normalize):
+    return _ext.ops().softmax_aggregate_fwd(src, tgt, values, tau, normalize)
+
+
+def softmax_aggregate_bwd(grad, src, tgt, values, out, lse, tau, normalize):
+    return _ext.ops().softmax_aggregate_bwd(grad, src, tgt, values, out, lse, tau, normalize)
+
+
+def rowsoftmax_distill_fwd(t_src, t_tgt, s_src, s_tgt, tau_t, tau_s, loss, normalize):
+    return _ext.ops().rowsoftmax_distill_fwd(t_src, t_tgt, s_src, s_tgt, tau_t, tau_s, loss, normalize)
+
+
+def rowsoftmax_distill_bwd(grad, t_src, t_tgt, s_src, s_tgt, stats, tau_t, tau_s, loss, normalize):
+    return _ext.ops().rowsoftmax_distill_bwd(grad, t_src, t_tgt, s_src, s_tgt, stats, tau_t, tau_s, loss, normalize)

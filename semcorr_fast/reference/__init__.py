@@ -5,6 +5,7 @@ They are written from the definitions in ``../shared/docs/ops-contract.md`` with
 Never the default backend.
 """
 from .kabsch import kabsch_reference  # noqa: F401
+from .losses import expected_cost, rowsoftmax_distill, softmax_aggregate  # noqa: F401
 from .correlation import (  # noqa: F401
     coordinate_grid,
     similarity,
