@@ -8,11 +8,16 @@
 //
 // Only BM×BN scores exist at a time per thread: no Ns×Nt matrix, forward or backward.
 // The backward (`stream_backward`) recomputes S tile by tile; the op's gradient epilogue turns it
-// into dL/ds from saved per-row statistics, and the engine does the two tile GEMMs
-//   pass Q (parallel over row blocks):    dÂ_blk  += (dS ∘ r_v) · B_tile
-//   pass K (parallel over target tiles):  dB̂_tile += (dS ∘ r_u)ᵀ · A_blk
-// Two passes (S recomputed in each) instead of per-thread dK copies: no thread-count-sized
-// buffers, and the same split the Triton backward uses (one kernel for dQ, one for dK).
+// into dL/ds from saved per-row statistics, and the engine does the tile GEMMs
+//   dÂ_blk  += (dS ∘ r_v) · B_tile        dB̂_tile += (dS ∘ r_u)ᵀ · A_blk
+// in one of two schedules:
+//   * single pass (default when it fits): batch items one at a time, threads over row blocks, each
+//     thread accumulating dB̂ in its own Nt×C buffer, summed at the end. S is recomputed once:
+//     3 GEMMs per tile. Used when every thread gets a row block and the T·Nt·C buffers fit in
+//     SEMCORR_CPU_BWD_BUFFER_MB (default 512).
+//   * two passes otherwise, and for epilogues that accumulate per-target tensors (kTargetAccum):
+//     pass Q over row blocks (dÂ), pass K over target tiles (dB̂), S recomputed in each: 4 GEMMs
+//     per tile, no thread-count-sized buffers. The same split as the Triton backward.
 //
 // Epilogue concepts (see csrc/correlation/correlation_cpu.cpp for the ops):
 //   Forward:  struct Block { Block(Epi&, int64_t b, int64_t r0, int64_t m);
@@ -263,11 +268,61 @@ void stream_forward2(const StreamInput<T>& A, const StreamInput<T>& Bin, Epi& ep
 // Backward streaming passes on acc_t features (bf16/fp16 callers convert first: the backward
 // accumulates in fp32 anyway). dsrc_hat (B·Ns×C) and dtgt_hat (B·Nt×C) receive dL/dâ and dL/db̂
 // (the gradients w.r.t. the normalised features; see norm_backward). Either may be null.
+// Whether an epilogue needs exclusive ownership of target tiles (pass K) for accumulations of its own.
+template <typename Epi, typename = void>
+struct needs_target_accum : std::false_type {};
+template <typename Epi>
+struct needs_target_accum<Epi, std::void_t<decltype(Epi::kTargetAccum)>> : std::bool_constant<Epi::kTargetAccum> {};
+
 template <typename acc_t, typename Epi>
 void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_hat, acc_t* dtgt_hat) {
   if (in.Ns == 0 || in.Nt == 0) return;
   const int64_t C = in.C;
-  const Blocking blk = Blocking::choose(in.B, in.Ns, in.Nt, false);
+  const Blocking blk = Blocking::choose(1, in.Ns, in.Nt, false);
+  const int64_t T = at::get_num_threads();
+  const double buf_mb = double(T) * in.Nt * C * sizeof(acc_t) / (1 << 20);
+  const bool single = !needs_target_accum<Epi>::value && dsrc_hat && dtgt_hat &&
+                      ceil_div(in.Ns, blk.BM) >= T && buf_mb <= double(env_int("SEMCORR_CPU_BWD_BUFFER_MB", 512));
+  if (single) {
+    const int64_t BM = blk.BM, BN = blk.BN, nblk = ceil_div(in.Ns, BM), ntile = ceil_div(in.Nt, BN);
+    std::vector<std::vector<acc_t>> dk(T);
+    for (int64_t b = 0; b < in.B; ++b) {
+      std::vector<char> used(T, 0);
+      at::parallel_for(0, nblk, 1, [&](int64_t w0, int64_t w1) {
+        const int t = at::get_thread_num();
+        if (!used[t]) {
+          dk[t].assign(size_t(in.Nt) * C, acc_t(0));
+          used[t] = 1;
+        }
+        std::vector<acc_t> S(size_t(BM) * BN), Ah(size_t(BM) * C);
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t r0 = w * BM, m = std::min(BM, in.Ns - r0);
+          const acc_t* A = in.src + (b * in.Ns + r0) * C;
+          const acc_t* rsb = in.rs.data() + b * in.Ns + r0;
+          for (int64_t i = 0; i < m; ++i)  // Â_blk = r_u·a_u: a block-sized scratch, reused by every tile
+            for (int64_t c = 0; c < C; ++c) Ah[i * C + c] = A[i * C + c] * rsb[i];
+          for (int64_t t2 = 0; t2 < ntile; ++t2) {
+            const int64_t c0 = t2 * BN, n = std::min(BN, in.Nt - c0);
+            const acc_t* Bt = in.tgt + (b * in.Nt + c0) * C;
+            const acc_t* rtb = in.rt.data() + b * in.Nt + c0;
+            gemm::scores<acc_t>(m, n, C, A, C, Bt, C, S.data(), BN);
+            if (in.normalize) scale_tile<acc_t>(S.data(), BN, m, n, rsb, rtb);
+            epi.grad(b, r0, m, c0, n, S.data(), BN, false);
+            gemm::acc_pta<acc_t>(m, n, C, S.data(), BN, in.normalize ? Ah.data() : A, C, dk[t].data() + c0 * C, C);
+            if (in.normalize) scale_cols<acc_t>(S.data(), BN, m, n, rtb);
+            gemm::acc_pb<acc_t>(m, n, C, S.data(), BN, Bt, C, dsrc_hat + (b * in.Ns + r0) * C, C);
+          }
+        }
+      });
+      acc_t* out = dtgt_hat + b * in.Nt * C;
+      at::parallel_for(0, in.Nt * C, 4096, [&](int64_t a, int64_t e) {
+        for (int t = 0; t < T; ++t)
+          if (used[t])
+            for (int64_t i = a; i < e; ++i) out[i] += dk[t][i];
+      });
+    }
+    return;
+  }
   const int64_t BM = blk.BM, BN = blk.BN;
   const int64_t nblk = ceil_div(in.Ns, BM), ntile = ceil_div(in.Nt, BN);
   const acc_t* rs = in.rs.data();

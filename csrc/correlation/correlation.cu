@@ -535,6 +535,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kCells; ++j) {
           if (j < nv) {
             g += cq[j] * ld<acc_t>(tb + v[j] * C + c);
+            // Other rows whose window holds v add to the same row of dk: atomics, coalesced over c.
             atomicAdd(dkb + v[j] * C + c, ck[j] * a);
           }
         }
@@ -633,8 +634,8 @@ std::tuple<Tensor, Tensor> window_soft_argmax_bwd_cuda(const Tensor& grad, const
   check_rows(lse, src, {B, Ns}, op, "lse");
   check_rows(center, src, {B, Ns}, op, "center");
   const c10::cuda::CUDAGuard guard(src.device());
-  Tensor dsrc = at::empty_like(src);
-  Tensor dtgt = at::empty_like(tgt);
+  Tensor dsrc = at::empty(src.sizes(), src.options());  // contiguous, like the kernels index it
+  Tensor dtgt = at::empty(tgt.sizes(), tgt.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   SC_DISPATCH_FLOATING(src.scalar_type(), op, [&] {
     using acc_t = acc_type_t<scalar_t>;

@@ -197,6 +197,7 @@ struct AggregateFwd {
 
 template <typename acc_t>
 struct AggregateBwd {
+  static constexpr bool kTargetAccum = true;  // dV_v needs exclusive target tiles (pass K)
   acc_t inv_tau;
   const acc_t *V, *gout, *out, *lse;  // V (B,Nt,Cv), gout/out (B,Ns,Cv), lse (B,Ns)
   acc_t* dV;                          // (B, Nt, Cv), written in pass K only
@@ -269,95 +270,138 @@ std::tuple<Tensor, Tensor, Tensor> softmax_aggregate_bwd(const Tensor& grad, con
 }
 
 // ------------------------------------------------------------------ rowsoftmax_distill
-// Pass 1: a row log-sum-exp epilogue, run on each of teacher and student.
+enum DistillLoss : int64_t { kCE = 0, kMSE = 1, kL1 = 2 };
+
+// ce and mse in ONE pass: both softmaxes' normalisers and the cross sums are kept online, each sum
+// rescaled by the factor of its own running max(es) when a larger logit arrives:
+//   sT = Σe^T, sS = Σe^S, sTT = Σ(e^T)², sTS = Σe^T e^S, sSS = Σ(e^S)², sTz = Σe^T z^S
+//   → Σa² = sTT/sT², Σab = sTS/(sT sS), Σb² = sSS/sS², Σ a z^S = sTz/sT, LSE = m + log s.
+// l1 is not decomposable this way: its pass 2 (DistillL1) runs after the row LSEs are known.
 template <typename acc_t>
-struct RowLSE {
-  acc_t inv_tau;
-  int64_t Ns;
-  acc_t* lse;
+struct DistillOnline {
+  acc_t it_t, it_s;
+  int64_t Ns, loss_kind;
+  acc_t *loss, *stats;  // stats (B, Ns, 3): LSE^T, LSE^S, c
   struct Block {
-    const RowLSE& e;
+    const DistillOnline& e;
     int64_t b, r0, m;
-    std::vector<acc_t> mx, l;
-    Block(const RowLSE& e_, int64_t b_, int64_t r0_, int64_t m_)
-        : e(e_), b(b_), r0(r0_), m(m_), mx(m_, -kInf<acc_t>), l(m_, 0) {}
-    void tile(acc_t* S, int64_t ld, int64_t c0, int64_t n) {
+    std::vector<acc_t> mt, ms, sT, sS, sTT, sTS, sSS, sTz;
+    Block(const DistillOnline& e_, int64_t b_, int64_t r0_, int64_t m_)
+        : e(e_), b(b_), r0(r0_), m(m_), mt(m_, -kInf<acc_t>), ms(m_, -kInf<acc_t>), sT(m_, 0), sS(m_, 0),
+          sTT(m_, 0), sTS(m_, 0), sSS(m_, 0), sTz(m_, 0) {}
+    void tile(acc_t* ST, acc_t* SS, int64_t ld, int64_t c0, int64_t n) {
       using V = Vectorized<acc_t>;
       constexpr int64_t L = V::size();
+      const bool ce = e.loss_kind == kCE;
       for (int64_t i = 0; i < m; ++i) {
-        const acc_t* row = S + i * ld;
-        const acc_t alpha = online_max<acc_t>(row, n, e.inv_tau, mx[i]);
-        const V vit(e.inv_tau), vm(mx[i]);
-        V vl(acc_t(0));
+        const acc_t* rt = ST + i * ld;
+        const acc_t* rs = SS + i * ld;
+        const acc_t at_ = online_max<acc_t>(rt, n, e.it_t, mt[i]);
+        const acc_t as_ = online_max<acc_t>(rs, n, e.it_s, ms[i]);
+        const V vitt(e.it_t), vits(e.it_s), vmt(mt[i]), vms(ms[i]);
+        V a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0)), a4(acc_t(0)), a5(acc_t(0)), a6(acc_t(0));
         int64_t j = 0;
-        for (; j + L <= n; j += L) vl = vl + vexp(at::vec::fmsub(V::loadu(row + j), vit, vm));
-        acc_t tl = hsum<acc_t>(vl);
-        for (; j < n; ++j) tl += std::exp(row[j] * e.inv_tau - mx[i]);
-        l[i] = l[i] * alpha + tl;
+        for (; j + L <= n; j += L) {
+          const V et = vexp(at::vec::fmsub(V::loadu(rt + j), vitt, vmt));
+          const V zs = V::loadu(rs + j) * vits;
+          const V es = vexp(zs - vms);
+          a1 = a1 + et;
+          a2 = a2 + es;
+          if (ce) {
+            a6 = at::vec::fmadd(et, zs, a6);
+          } else {
+            a3 = at::vec::fmadd(et, et, a3);
+            a4 = at::vec::fmadd(et, es, a4);
+            a5 = at::vec::fmadd(es, es, a5);
+          }
+        }
+        acc_t t1 = hsum<acc_t>(a1), t2 = hsum<acc_t>(a2), t3 = hsum<acc_t>(a3), t4 = hsum<acc_t>(a4),
+              t5 = hsum<acc_t>(a5), t6 = hsum<acc_t>(a6);
+        for (; j < n; ++j) {
+          const acc_t et = std::exp(rt[j] * e.it_t - mt[i]);
+          const acc_t zs = rs[j] * e.it_s;
+          const acc_t es = std::exp(zs - ms[i]);
+          t1 += et;
+          t2 += es;
+          t3 += et * et;
+          t4 += et * es;
+          t5 += es * es;
+          t6 += et * zs;
+        }
+        sT[i] = sT[i] * at_ + t1;
+        sS[i] = sS[i] * as_ + t2;
+        sTT[i] = sTT[i] * at_ * at_ + t3;
+        sTS[i] = sTS[i] * at_ * as_ + t4;
+        sSS[i] = sSS[i] * as_ * as_ + t5;
+        sTz[i] = sTz[i] * at_ + t6;
       }
     }
     void finish() {
-      for (int64_t i = 0; i < m; ++i) e.lse[b * e.Ns + r0 + i] = mx[i] + std::log(l[i]);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t u = b * e.Ns + r0 + i;
+        const acc_t lt = mt[i] + std::log(sT[i]), ls = ms[i] + std::log(sS[i]);
+        e.stats[3 * u] = lt;
+        e.stats[3 * u + 1] = ls;
+        if (e.loss_kind == kCE) {
+          e.loss[u] = ls - sTz[i] / sT[i];
+          e.stats[3 * u + 2] = 0;
+        } else {  // mse (l1 overwrites loss and c in its second pass)
+          const acc_t aa = sTT[i] / (sT[i] * sT[i]), ab = sTS[i] / (sT[i] * sS[i]), bb = sSS[i] / (sS[i] * sS[i]);
+          e.loss[u] = aa - 2 * ab + bb;
+          e.stats[3 * u + 2] = -2 * (ab - bb);
+        }
+      }
     }
   };
 };
 
-enum DistillLoss : int64_t { kCE = 0, kMSE = 1, kL1 = 2 };
-
-// Pass 2: both softmaxes are known exactly per entry (a = e^{zT − LSE^T}, b = e^{zS − LSE^S}).
+// l1's pass 2, with both LSEs known: Σ|a − b| and c = Σ b·h, h = −sign(a − b).
 template <typename acc_t>
-struct DistillFwd {
+struct DistillL1 {
   acc_t it_t, it_s;
-  int64_t Ns, loss_kind;
-  const acc_t* stats;  // (B, Ns, 3): LSE^T, LSE^S, (c filled here)
-  acc_t *loss, *c_out;
+  int64_t Ns;
+  acc_t *loss, *stats;
   struct Block {
-    const DistillFwd& e;
+    const DistillL1& e;
     int64_t b, r0, m;
-    std::vector<acc_t> s1, s2, s3;  // per-row sums, by loss: ce Σ a z^S; mse Σa², Σab, Σb²; l1 Σ|a−b|, Σ b h
-    Block(const DistillFwd& e_, int64_t b_, int64_t r0_, int64_t m_)
-        : e(e_), b(b_), r0(r0_), m(m_), s1(m_, 0), s2(m_, 0), s3(m_, 0) {}
+    std::vector<acc_t> s1, s2;
+    Block(const DistillL1& e_, int64_t b_, int64_t r0_, int64_t m_) : e(e_), b(b_), r0(r0_), m(m_), s1(m_, 0), s2(m_, 0) {}
     void tile(acc_t* ST, acc_t* SS, int64_t ld, int64_t c0, int64_t n) {
+      using V = Vectorized<acc_t>;
+      constexpr int64_t L = V::size();
       for (int64_t i = 0; i < m; ++i) {
         const int64_t u = b * e.Ns + r0 + i;
-        const acc_t lt = e.stats[3 * u], ls = e.stats[3 * u + 1];
         const acc_t* rt = ST + i * ld;
         const acc_t* rs = SS + i * ld;
-        acc_t x1 = 0, x2 = 0, x3 = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t a = std::exp(rt[j] * e.it_t - lt);
-          const acc_t zs = rs[j] * e.it_s;
-          const acc_t bb = std::exp(zs - ls);
-          if (e.loss_kind == kCE) {
-            x1 += a * zs;
-          } else if (e.loss_kind == kMSE) {
-            x1 += a * a;
-            x2 += a * bb;
-            x3 += bb * bb;
-          } else {
-            const acc_t d = a - bb;
-            x1 += std::abs(d);
-            x2 += bb * (d > 0 ? acc_t(-1) : (d < 0 ? acc_t(1) : acc_t(0)));
-          }
+        const V vitt(e.it_t), vits(e.it_s), vlt(e.stats[3 * u]), vls(e.stats[3 * u + 1]);
+        V x1(acc_t(0)), x2(acc_t(0));
+        int64_t j = 0;
+        for (; j + L <= n; j += L) {
+          const V a = vexp(at::vec::fmsub(V::loadu(rt + j), vitt, vlt));
+          const V bb = vexp(at::vec::fmsub(V::loadu(rs + j), vits, vls));
+          const V d = a - bb;
+          x1 = x1 + d.abs();
+          // b·h with h = −sign(a − b): −b where a > b, +b where a < b, 0 on ties
+          x2 = x2 + V::blendv(V(acc_t(0)), V(acc_t(0)) - bb, d > V(acc_t(0))) +
+               V::blendv(V(acc_t(0)), bb, d < V(acc_t(0)));
         }
-        s1[i] += x1;
-        s2[i] += x2;
-        s3[i] += x3;
+        acc_t t1 = hsum<acc_t>(x1), t2 = hsum<acc_t>(x2);
+        for (; j < n; ++j) {
+          const acc_t a = std::exp(rt[j] * e.it_t - e.stats[3 * u]);
+          const acc_t bb = std::exp(rs[j] * e.it_s - e.stats[3 * u + 1]);
+          const acc_t d = a - bb;
+          t1 += std::abs(d);
+          t2 += d > 0 ? -bb : (d < 0 ? bb : acc_t(0));
+        }
+        s1[i] += t1;
+        s2[i] += t2;
       }
     }
     void finish() {
       for (int64_t i = 0; i < m; ++i) {
         const int64_t u = b * e.Ns + r0 + i;
-        if (e.loss_kind == kCE) {
-          e.loss[u] = e.stats[3 * u + 1] - s1[i];
-          e.c_out[u] = 0;
-        } else if (e.loss_kind == kMSE) {
-          e.loss[u] = s1[i] - 2 * s2[i] + s3[i];
-          e.c_out[u] = -2 * (s2[i] - s3[i]);
-        } else {
-          e.loss[u] = s1[i];
-          e.c_out[u] = s2[i];
-        }
+        e.loss[u] = s1[i];
+        e.stats[3 * u + 2] = s2[i];
       }
     }
   };
@@ -371,18 +415,38 @@ struct DistillBwd {
   const StreamInput<acc_t>* teacher;
   const acc_t *stats, *gout;
   void grad(int64_t b, int64_t r0, int64_t m, int64_t c0, int64_t n, acc_t* S, int64_t ld, bool) const {
+    using V = Vectorized<acc_t>;
+    constexpr int64_t L = V::size();
     thread_local std::vector<acc_t> T;
     T.resize(size_t(m) * ld);
     gemm::scores<acc_t>(m, n, Ct, teacher->src + (b * Ns + r0) * Ct, Ct, teacher->tgt + (b * Nt + c0) * Ct, Ct,
                         T.data(), ld);
     if (teacher->normalize)
       scale_tile<acc_t>(T.data(), ld, m, n, teacher->rs.data() + b * Ns + r0, teacher->rt.data() + b * Nt + c0);
+    const V zero(acc_t(0)), one(acc_t(1)), two(acc_t(2));
     for (int64_t i = 0; i < m; ++i) {
       const int64_t u = b * Ns + r0 + i;
       const acc_t lt = stats[3 * u], ls = stats[3 * u + 1], c = stats[3 * u + 2], G = gout[u] * it_s;
       acc_t* row = S + i * ld;
       const acc_t* trow = T.data() + i * ld;
-      for (int64_t j = 0; j < n; ++j) {
+      const V vitt(it_t), vits(it_s), vlt(lt), vls(ls), vc(c), vG(G);
+      int64_t j = 0;
+      for (; j + L <= n; j += L) {
+        const V a = vexp(at::vec::fmsub(V::loadu(trow + j), vitt, vlt));
+        const V bb = vexp(at::vec::fmsub(V::loadu(row + j), vits, vls));
+        V g;
+        if (loss_kind == kCE) {
+          g = vG * (bb - a);
+        } else if (loss_kind == kMSE) {
+          g = vG * bb * (V(acc_t(0)) - two * (a - bb) - vc);
+        } else {
+          const V d = a - bb;
+          const V h = V::blendv(zero, zero - one, d > zero) + V::blendv(zero, one, d < zero);
+          g = vG * bb * (h - vc);
+        }
+        g.store(row + j);
+      }
+      for (; j < n; ++j) {
         const acc_t a = std::exp(trow[j] * it_t - lt);
         const acc_t bb = std::exp(row[j] * it_s - ls);
         if (loss_kind == kCE) {
@@ -418,19 +482,13 @@ std::tuple<Tensor, Tensor> rowsoftmax_distill_fwd(const Tensor& t_src, const Ten
     using acc_t = acc_type_t<scalar_t>;
     auto inT = make_input<scalar_t>(t_src, t_tgt, normalize);
     auto inS = make_input<scalar_t>(s_src, s_tgt, normalize);
-    std::vector<acc_t> lt(B * Ns), ls(B * Ns), c(B * Ns);
-    RowLSE<acc_t> et{acc_t(1.0 / tau_t), Ns, lt.data()}, es{acc_t(1.0 / tau_s), Ns, ls.data()};
-    stream_forward(inT, et);
-    stream_forward(inS, es);
-    acc_t* st = stats.data_ptr<acc_t>();
-    for (int64_t u = 0; u < B * Ns; ++u) {
-      st[3 * u] = lt[u];
-      st[3 * u + 1] = ls[u];
+    DistillOnline<acc_t> e1{acc_t(1.0 / tau_t), acc_t(1.0 / tau_s), Ns, loss_kind, loss.data_ptr<acc_t>(),
+                            stats.data_ptr<acc_t>()};
+    stream_forward2(inT, inS, e1);
+    if (loss_kind == kL1) {
+      DistillL1<acc_t> e2{acc_t(1.0 / tau_t), acc_t(1.0 / tau_s), Ns, loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>()};
+      stream_forward2(inT, inS, e2);
     }
-    DistillFwd<acc_t> ed{acc_t(1.0 / tau_t), acc_t(1.0 / tau_s), Ns, loss_kind, st, loss.data_ptr<acc_t>(),
-                         c.data()};
-    stream_forward2(inT, inS, ed);
-    for (int64_t u = 0; u < B * Ns; ++u) st[3 * u + 2] = c[u];
   });
   return {loss, stats};
 }
