@@ -40,7 +40,7 @@ def _kernels(args) -> int:
     argv = []
     if args.compile:
         argv += ["--compile", args.compile]
-    return aot.main(argv + list(args.rest))
+    return aot.main(argv + list(args.extra))
 
 
 def main(argv=None) -> int:
@@ -54,9 +54,11 @@ def main(argv=None) -> int:
     b.set_defaults(fn=_bench)
     k = sub.add_parser("kernels", help="ahead-of-time compile of the Triton kernels")
     k.add_argument("--compile", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
-    k.add_argument("rest", nargs=argparse.REMAINDER)
     k.set_defaults(fn=_kernels)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra and args.cmd != "kernels":  # other options are passed through to the AOT compiler
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     return args.fn(args)
 
 

@@ -61,8 +61,12 @@ struct Blocking {
     int64_t BM = env_int("SEMCORR_CPU_BM", lowp ? 128 : 192);
     int64_t BN = round_up(env_int("SEMCORR_CPU_BN", lowp ? 512 : 768), 32);
     const int64_t T = at::get_num_threads();
-    const int64_t want_blocks = ceil_div(2 * T, std::max<int64_t>(B, 1));
-    BM = std::max<int64_t>(8, std::min(BM, round_up(ceil_div(Ns, want_blocks), 8)));
+    B = std::max<int64_t>(B, 1);
+    // Enough row blocks for every thread, and a block count that splits evenly over the threads
+    // (3600 rows on 2 threads: 20 blocks of 184, not 19 of 192 with one thread idle at the end).
+    const int64_t per_thread = std::max<int64_t>(1, ceil_div(B * ceil_div(Ns, BM), T));
+    const int64_t blocks = ceil_div(per_thread * T, B);
+    BM = std::max<int64_t>(8, std::min(BM, round_up(ceil_div(Ns, blocks), 8)));
     BN = std::max<int64_t>(32, std::min(BN, round_up(Nt, 32)));
     return {BM, BN};
   }
