@@ -72,21 +72,58 @@ struct Blocking {
   }
 };
 
+// x (n values of T) → acc_t. bf16 → fp32 is a 16-bit shift, which the compiler vectorises.
+template <typename T, typename acc_t = acc_type_t<T>>
+inline void to_acc(const T* x, acc_t* out, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* r = reinterpret_cast<const uint16_t*>(x);
+    uint32_t* o = reinterpret_cast<uint32_t*>(out);
+    for (int64_t i = 0; i < n; ++i) o[i] = uint32_t(r[i]) << 16;
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(x[i]);
+  }
+}
+
+// Σ x² of one row in acc_t, vectorised (chunks of low-precision input are converted first).
+template <typename T, typename acc_t = acc_type_t<T>>
+inline acc_t sum_squares(const T* p, int64_t C) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t CH = 256;
+  alignas(64) acc_t buf[CH];
+  V s0(acc_t(0)), s1(acc_t(0));
+  acc_t tail = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += CH) {
+    const int64_t n = std::min(CH, C - c0);
+    const acc_t* q;
+    if constexpr (std::is_same_v<T, acc_t>) {
+      q = p + c0;
+    } else {
+      to_acc<T>(p + c0, buf, n);
+      q = buf;
+    }
+    int64_t j = 0;
+    for (; j + 2 * L <= n; j += 2 * L) {
+      const V a = V::loadu(q + j), b = V::loadu(q + j + L);
+      s0 = at::vec::fmadd(a, a, s0);
+      s1 = at::vec::fmadd(b, b, s1);
+    }
+    for (; j < n; ++j) tail += q[j] * q[j];
+  }
+  alignas(64) acc_t lanes[L];
+  (s0 + s1).store(lanes);
+  for (int64_t k = 0; k < L; ++k) tail += lanes[k];
+  return tail;
+}
+
 // Per-row inverse norms r = 1 / max(‖x‖₂, 1e-12) (as F.normalize), or 1 when normalize=false.
 template <typename T, typename acc_t = acc_type_t<T>>
 std::vector<acc_t> inv_norms(const T* x, int64_t rows, int64_t C, bool normalize) {
   std::vector<acc_t> r(rows, acc_t(1));
   if (!normalize) return r;
   at::parallel_for(0, rows, 64, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const T* p = x + i * C;
-      acc_t s = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(p[c]);
-        s += v * v;
-      }
-      r[i] = acc_t(1) / std::max(std::sqrt(s), acc_t(1e-12));
-    }
+    for (int64_t i = a; i < b; ++i)
+      r[i] = acc_t(1) / std::max(std::sqrt(sum_squares<T>(x + i * C, C)), acc_t(1e-12));
   });
   return r;
 }
@@ -178,8 +215,8 @@ struct ScoreTiles {
       } else {
         sconv.resize(size_t(in.B) * in.Ns * in.C);
         tconv.resize(size_t(in.B) * in.Nt * in.C);
-        for (size_t i = 0; i < sconv.size(); ++i) sconv[i] = static_cast<acc_t>(in.src[i]);
-        for (size_t i = 0; i < tconv.size(); ++i) tconv[i] = static_cast<acc_t>(in.tgt[i]);
+        to_acc<T>(in.src, sconv.data(), int64_t(sconv.size()));
+        to_acc<T>(in.tgt, tconv.data(), int64_t(tconv.size()));
       }
     }
   }

@@ -7,6 +7,7 @@
 // results right (and slow); `semcorr info` says which one is in use.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <ATen/native/CPUBlas.h>
@@ -50,18 +51,30 @@ void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::Half* A, int64_
 void brgemm_release();
 
 // Pack rows [0, n) of B (n×C, row-major, ld C) into one VNNI tile [Cp/2][BN][2], zero padded.
+// Blocks of 16 rows: each row's cache lines stay in L1 while its channel pairs are scattered, and
+// every channel pair of the block is written as one contiguous run of 64 bytes.
 template <typename T>
 inline void pack_vnni_tile(const T* B, int64_t n, int64_t C, int64_t Cp, int64_t BN, T* out) {
-  const T zero = T(0.f);
-  for (int64_t k2 = 0; k2 < Cp / 2; ++k2) {
-    T* o = out + k2 * BN * 2;
-    const int64_t c = 2 * k2;
-    for (int64_t j = 0; j < n; ++j) {
-      const T* b = B + j * C;
-      o[2 * j] = c < C ? b[c] : zero;
-      o[2 * j + 1] = c + 1 < C ? b[c + 1] : zero;
+  static_assert(sizeof(T) == 2, "VNNI-2 packing is for 16-bit types");
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(B);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);  // one (even, odd) channel pair per 32-bit word
+  const int64_t K2 = Cp / 2, Ceven = C / 2;
+  for (int64_t j0 = 0; j0 < BN; j0 += 16) {
+    const int64_t j1 = std::min<int64_t>(j0 + 16, BN);
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      uint32_t* o = dst + k2 * BN;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (j >= n) {
+          o[j] = 0;
+        } else if (k2 < Ceven) {
+          uint32_t w;
+          std::memcpy(&w, src + j * C + 2 * k2, 4);
+          o[j] = w;
+        } else {  // odd C: the last channel pairs with a zero
+          o[j] = uint32_t(src[j * C + 2 * k2]);
+        }
+      }
     }
-    for (int64_t j = n; j < BN; ++j) o[2 * j] = o[2 * j + 1] = zero;
   }
 }
 
