@@ -96,6 +96,21 @@ def time_ms(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float
     return statistics.median(ts) * 1e3
 
 
+def time_pair_ms(a: Callable[[], object], b: Callable[[], object], repeat: int = 5) -> tuple[float, float]:
+    """Best-of-``repeat`` wall times in ms of two functions measured alternately (a, b, a, b, ...), so
+    that a change in machine speed during the run affects both alike: the ratio is what to read."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - t0)
+    return min(ta) * 1e3, min(tb) * 1e3
+
+
 @dataclass
 class Row:
     case: str
@@ -141,10 +156,15 @@ def cases(quick: bool = True):
         out.append((f"soft_argmax 60x60 C=768 {name}",
                     lambda s=s, t=t: ops.soft_argmax(s, t, tau, hw, backend="cpu"),
                     lambda s=s, t=t: naive_soft_argmax(s, t, tau, hw), ""))
-        out.append((f"torch.mm floor (same FLOPs) {name}",
+        out.append((f"soft_argmax vs bare torch.mm (same FLOPs) {name}",
+                    lambda s=s, t=t: ops.soft_argmax(s, t, tau, hw, backend="cpu"),
                     lambda s=s, t=t: torch.mm(s[0], t[0].T),
-                    lambda s=s, t=t: naive_soft_argmax(s, t, tau, hw), "fused column = bare GEMM"))
+                    "naive column = torch.mm alone; speedup = fraction of mm's speed"))
     s, t = features(1, n, C, torch.float32, 0), features(1, n, C, torch.float32, 1)
+    sb, tb = s.bfloat16(), t.bfloat16()
+    out.append(("soft_argmax: fused bfloat16 vs naive float32",
+                lambda: ops.soft_argmax(sb, tb, tau, hw, backend="cpu"),
+                lambda: naive_soft_argmax(s, t, tau, hw), ""))
     out.append(("window_soft_argmax r=7 float32",
                 lambda: ops.window_soft_argmax(s, t, tau, hw, 7, outside="zero", backend="cpu"),
                 lambda: naive_window_soft_argmax(s, t, tau, hw, 7), ""))
@@ -170,16 +190,15 @@ def cases(quick: bool = True):
 
 def run(quick: bool = True, repeat: int | None = None) -> list[Row]:
     rows = []
-    repeat = repeat or (3 if quick else 5)
+    repeat = repeat or (5 if quick else 7)
     for name, fused, naive, note in cases(quick):
         with torch.no_grad() if "bwd" not in name else torch.enable_grad():
-            f_ms = time_ms(fused, repeat=repeat)
-            f_mib = peak_extra_mib(fused)
             if naive is not None:
-                n_ms = time_ms(naive, repeat=repeat)
+                f_ms, n_ms = time_pair_ms(fused, naive, repeat=repeat)
                 n_mib = peak_extra_mib(naive)
             else:
-                n_ms, n_mib = float("nan"), None
+                f_ms, n_ms, n_mib = time_ms(fused, repeat=repeat), float("nan"), None
+            f_mib = peak_extra_mib(fused)
         rows.append(Row(name, f_ms, n_ms, f_mib, n_mib, note))
     return rows
 
@@ -188,7 +207,7 @@ def format_table(rows: list[Row]) -> str:
     def mib(x):
         return "n/a" if x is None else f"{x:.0f}"
 
-    lines = [f"machine: {machine()}",
+    lines = [f"machine: {machine()}", "times: best of alternating runs (fused, naive, fused, ...); speedup = naive/fused",
              "| case | fused ms | naive ms | speedup | fused peak MiB | naive peak MiB | note |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
