@@ -40,13 +40,10 @@ REASON = _skip_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 DEV = "cuda"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-TOL = {  # (atol, rtol), as tests/test_conformance.py
-    torch.float32: (2e-4, 2e-4),
-    torch.float64: (1e-9, 1e-9),
-    torch.bfloat16: (3e-3, 3e-3),
-    torch.float16: (3e-3, 3e-3),
-}
+# Shared with the conformance suite: dtypes, tolerances, value checks.
+from test_conformance import DTYPES, TOL, check_topk, close  # noqa: E402
+from test_conformance import make as _make  # noqa: E402
+
 # (B, Ns, (H, W), C)
 TOPK_SHAPES = [
     (1, 1, (1, 1), 1),
@@ -66,16 +63,7 @@ WINDOW_SHAPES = [
 
 
 def make(shape, dtype, seed=0, planted=False, device=DEV):
-    B, Ns, (H, W), C = shape
-    g = torch.Generator().manual_seed(seed)
-    tgt = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
-    if planted:  # each query is a noisy copy of one target: a clear argmax, no near-ties
-        idx = torch.randint(0, H * W, (B, Ns), generator=g)
-        src = torch.gather(tgt, 1, idx[..., None].expand(B, Ns, C))
-        src = src + 0.05 * torch.randn(B, Ns, C, generator=g, dtype=torch.float64)
-    else:
-        src = torch.randn(B, Ns, C, generator=g, dtype=torch.float64)
-    return src.to(dtype).to(device), tgt.to(dtype).to(device)
+    return _make(shape, dtype, device, seed=seed, planted=planted)
 
 
 def integer_features(B, Ns, Nt, C, dtype, seed, device=DEV):
@@ -85,31 +73,11 @@ def integer_features(B, Ns, Nt, C, dtype, seed, device=DEV):
     return src, tgt
 
 
-def close(a, b, dtype, scale=1.0):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), atol=atol * scale, rtol=rtol, equal_nan=True)
-
-
 def out_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- match_topk
-def check_topk(v, i, src, tgt, k, mask, normalize, dtype):
-    """Values must match; indices must match wherever the reference has no near-tie."""
-    rv, ri = ref.match_topk(src, tgt, k, mask, normalize)
-    close(v, rv, dtype)
-    atol = TOL[dtype][0] * 4
-    i, ri = i.cpu(), ri.cpu()
-    s = ref.similarity(src, tgt, normalize).cpu().double()
-    rvd = rv.cpu().double()
-    for b, u, j in itertools.product(*(range(n) for n in ri.shape)):
-        if ri[b, u, j] == i[b, u, j]:
-            continue
-        assert i[b, u, j] >= 0 and ri[b, u, j] >= 0, (b, u, j, i[b, u], ri[b, u])
-        assert abs(s[b, u, i[b, u, j]] - rvd[b, u, j]) <= atol + 1e-3 * abs(rvd[b, u, j]), (b, u, j)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("si", range(len(TOPK_SHAPES)))
 @pytest.mark.parametrize("k", [1, 3, 16, 17, 40])
