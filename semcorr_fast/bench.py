@@ -6,6 +6,7 @@ argmax, another ``@``), in the input dtype.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import platform
@@ -71,9 +72,19 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _release_freed_memory() -> None:
+    """Hand memory that earlier runs freed back to the OS (glibc keeps large freed blocks in its heap),
+    so that it is not counted as already resident — which would hide the next run's peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_mib(fn: Callable[[], object]) -> float | None:
     """Peak resident memory above the current level while ``fn`` runs (MiB), or None if unknown."""
     gc.collect()
+    _release_freed_memory()
     if not _reset_hwm():
         return None
     base = _rss_kib()
@@ -193,12 +204,12 @@ def run(quick: bool = True, repeat: int | None = None) -> list[Row]:
     repeat = repeat or (5 if quick else 7)
     for name, fused, naive, note in cases(quick):
         with torch.no_grad() if "bwd" not in name else torch.enable_grad():
+            f_mib = peak_extra_mib(fused)  # memory first, then time
+            n_mib = peak_extra_mib(naive) if naive is not None else None
             if naive is not None:
                 f_ms, n_ms = time_pair_ms(fused, naive, repeat=repeat)
-                n_mib = peak_extra_mib(naive)
             else:
-                f_ms, n_ms, n_mib = time_ms(fused, repeat=repeat), float("nan"), None
-            f_mib = peak_extra_mib(fused)
+                f_ms, n_ms = time_ms(fused, repeat=repeat), float("nan")
         rows.append(Row(name, f_ms, n_ms, f_mib, n_mib, note))
     return rows
 
