@@ -11,10 +11,24 @@ problems per image), float32, CPU tensors.
 The SVD path is the usual PyTorch Umeyama (weighted moments with tensor ops, batched
 ``torch.linalg.svd`` of the 3x3 covariances, sign fix, scale, translation) with autograd through
 the SVD for the backward.
+
+Further groups (issue 4):
+
+* "rotation3": the 3x3 solve alone, ``torch.ops.semcorr_ext.kabsch_rotation3`` (the op's own
+  Horn-quaternion + Jacobi routine) vs ``torch.linalg.svd`` + the reflection fix, on 16,384 fp32
+  3x3 matrices, forward only. Script: ``python bench/bench_kabsch.py --rotation3 [--rounds 30]``
+  alternates the two implementations inside one timing loop (this VM's speed drifts) and reports
+  the best of N of each and the ratio.
+* roma (``pip install roma``; optional, the groups are skipped when it is absent; tested with roma
+  1.8.0): ``roma.special_procrustes(M)`` on the same 3x3 matrices (its default ``method="auto"``
+  is Horn's closed form for 3x3; ``method="svd"`` also timed), and
+  ``roma.rigid_points_registration(src, tgt, w, compute_scaling=True)`` on the 16,384 x 64-point
+  problems vs ``ops.kabsch``. Script: ``--roma`` (implies the same alternating best-of-N timing).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -29,6 +43,11 @@ if ROOT not in sys.path:
 
 from semcorr_fast import _ext  # noqa: E402
 from semcorr_fast.ops.kabsch import kabsch  # noqa: E402
+
+try:  # optional comparison target (pip install roma); never a dependency of the package
+    import roma
+except ImportError:  # pragma: no cover - roma not installed
+    roma = None
 
 
 class _JitStub:
@@ -84,6 +103,37 @@ def make_inputs(B=16384, P=64, seed=0, dtype=torch.float32):
     return src, tgt, w
 
 
+def make_matrices(B=16384, seed=1, dtype=torch.float32):
+    """B random 3x3 matrices (Gaussian entries), the input of the rotation-only comparison."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 3, generator=g, dtype=dtype)
+
+
+def rot3_ours(M):
+    return torch.ops.semcorr_ext.kabsch_rotation3(M)
+
+
+def rot3_svd(M):
+    """torch.linalg.svd + reflection fix: U diag(1, 1, det(U V^T)) V^T."""
+    U, _, Vh = torch.linalg.svd(M)
+    sign = torch.sign(torch.linalg.det(U @ Vh))
+    D = torch.ones(M.shape[0], 3, dtype=M.dtype)
+    D[:, 2] = sign
+    return U @ (D[..., None] * Vh)
+
+
+def rot3_roma(M):
+    return roma.special_procrustes(M)
+
+
+def rot3_roma_svd(M):
+    return roma.special_procrustes(M, method="svd")
+
+
+def roma_registration(src, tgt, w):
+    return roma.rigid_points_registration(src, tgt, w, compute_scaling=True)
+
+
 def ours(src, tgt, w):
     return kabsch(src, tgt, w, estimate_scale=True, backend="cpu")
 
@@ -135,6 +185,41 @@ if pytest is not None:
         fn = ours if impl == "ours" else svd_umeyama
         _run(benchmark, lambda: fwd_bwd(fn, *inputs))
 
+    ROT_GROUP = "kabsch rotation3: 16384 3x3 matrices, fp32, forward"
+    ROT_IMPLS = {"ours": rot3_ours, "svd": rot3_svd, "roma": rot3_roma, "roma_svd": rot3_roma_svd}
+
+    @pytest.fixture(scope="module")
+    def matrices():
+        ensure_native()
+        return make_matrices()
+
+    @pytest.mark.parametrize("impl", list(ROT_IMPLS))
+    def test_rotation3(benchmark, matrices, impl):
+        if impl.startswith("roma") and roma is None:
+            pytest.skip("roma is not installed (pip install roma)")
+        benchmark.group = ROT_GROUP
+        fn = ROT_IMPLS[impl]
+        with torch.no_grad():
+            _run(benchmark, lambda: fn(matrices), rounds=20)
+
+    def test_rotation3_same_answer(matrices):
+        torch.testing.assert_close(rot3_ours(matrices), rot3_svd(matrices), atol=1e-3, rtol=0)
+
+    @pytest.mark.parametrize("impl", ["ours", "roma"])
+    def test_forward_vs_roma(benchmark, inputs, impl):
+        if roma is None:
+            pytest.skip("roma is not installed (pip install roma)")
+        benchmark.group = GROUP.format("forward, vs roma.rigid_points_registration")
+        fn = ours if impl == "ours" else roma_registration
+        _run(benchmark, lambda: fwd(fn, *inputs))
+
+    def test_roma_same_answer(inputs, matrices):
+        if roma is None:
+            pytest.skip("roma is not installed (pip install roma)")
+        torch.testing.assert_close(rot3_ours(matrices), rot3_roma_svd(matrices), atol=1e-3, rtol=0)
+        for x, y in zip(fwd(ours, *inputs), fwd(roma_registration, *inputs)):
+            torch.testing.assert_close(x, y, atol=2e-4, rtol=2e-4)
+
     def test_same_answer(inputs):
         a = fwd(ours, *inputs)
         b = fwd(svd_umeyama, *inputs)
@@ -155,6 +240,59 @@ def _time_ms(fn, repeat: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _alternating_best_ms(fns: dict, rounds: int, warmup: int = 2) -> dict:
+    """Best-of-`rounds` milliseconds per implementation, the implementations run alternately in one
+    loop (round r runs each once, in rotated order) so that a drift of the machine's speed hits all
+    of them alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    best = {n: math.inf for n in names}
+    for r in range(rounds):
+        for k in range(len(names)):
+            n = names[(r + k) % len(names)]
+            t0 = time.perf_counter()
+            fns[n]()
+            best[n] = min(best[n], (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def _print_best(title: str, best: dict, base: str) -> None:
+    print(title)
+    print(f"  {'impl':<34}{'best (ms)':>11}{'time / ours':>13}")
+    for n, v in best.items():
+        print(f"  {n:<34}{v:>11.2f}{v / best[base]:>12.2f}x")
+
+
+def main_compare(args) -> None:
+    """--rotation3 / --roma: the side-by-side, alternating, best-of-N comparisons."""
+    ensure_native()
+    M = make_matrices(args.B)
+    src, tgt, w = make_inputs(args.B, args.P)
+    have_roma = roma is not None
+    err = (rot3_ours(M) - rot3_svd(M)).abs().max().item()
+    print(f"{args.B} fp32 3x3 matrices (randn); max |ours - svd| = {err:.2e}"
+          + ("" if have_roma else "; roma not installed: roma rows skipped"))
+    for nt in sorted({int(v) for v in args.threads.split(",")}):
+        torch.set_num_threads(nt)
+        with torch.no_grad():
+            if args.rotation3 or args.roma:
+                fns = {"ours kabsch_rotation3": lambda: rot3_ours(M), "torch.linalg.svd + sign fix": lambda: rot3_svd(M)}
+                if have_roma and args.roma:
+                    fns["roma.special_procrustes (auto)"] = lambda: rot3_roma(M)
+                    fns["roma.special_procrustes (svd)"] = lambda: rot3_roma_svd(M)
+                best = _alternating_best_ms(fns, args.rounds)
+                _print_best(f"[threads={nt}] 3x3 rotation solve, B={args.B}, fp32, forward, best of {args.rounds}",
+                            best, "ours kabsch_rotation3")
+            if args.roma and have_roma:
+                fns = {"ours ops.kabsch (scale)": lambda: ours(src, tgt, w),
+                       "roma.rigid_points_registration": lambda: roma_registration(src, tgt, w)}
+                best = _alternating_best_ms(fns, args.rounds)
+                _print_best(f"[threads={nt}] registration, B={args.B} x P={args.P} weighted 3-D, scale, fp32, forward,"
+                            f" best of {args.rounds}", best, "ours ops.kabsch (scale)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=16384)
@@ -162,7 +300,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--threads", default=f"1,{torch.get_num_threads()}",
                     help="comma-separated torch thread counts to measure (default: 1 and all)")
+    ap.add_argument("--rotation3", action="store_true",
+                    help="compare the 3x3 solve alone with torch.linalg.svd (alternating, best of --rounds)")
+    ap.add_argument("--roma", action="store_true",
+                    help="also compare with roma.special_procrustes / roma.rigid_points_registration")
+    ap.add_argument("--rounds", type=int, default=30, help="rounds of the alternating comparisons")
     args = ap.parse_args(argv)
+    if args.rotation3 or args.roma:
+        return main_compare(args)
     ensure_native()
     src, tgt, w = make_inputs(args.B, args.P)
     a, b = fwd(ours, src, tgt, w), fwd(svd_umeyama, src, tgt, w)

@@ -390,6 +390,67 @@ def test_custom_op_opcheck(backend):
 
 
 # --------------------------------------------------------------------------------------------------
+# The 3x3 rotation solve alone (semcorr_ext::kabsch_rotation3, CPU)
+# --------------------------------------------------------------------------------------------------
+
+def svd_rotation3(M: torch.Tensor) -> torch.Tensor:
+    """argmax_R tr(R^T M) over SO(3) by the SVD route: U diag(1, 1, det(U V^T)) V^T."""
+    U, _, Vh = torch.linalg.svd(M)
+    d = torch.sign(torch.linalg.det(U @ Vh))
+    D = torch.ones(M.shape[0], 3, dtype=M.dtype)
+    D[:, 2] = d
+    return U @ (D[..., None] * Vh)
+
+
+@pytest.mark.parametrize("backend", _params(["cpu"]), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["randn", "reflection", "scaled"])
+def test_rotation3_matches_svd(backend, dtype, kind):
+    g = torch.Generator().manual_seed(77)
+    M = torch.randn(4096, 3, 3, dtype=torch.float64, generator=g)
+    if kind == "reflection":  # det(M) < 0 for every matrix: the sign fix is needed everywhere
+        M = M * torch.sign(torch.linalg.det(M))[:, None, None]
+        M[:, :, 0] = -M[:, :, 0]
+    elif kind == "scaled":  # rotation is scale-free; magnitudes far from 1
+        M = M * torch.logspace(-12, 12, 4096, dtype=torch.float64)[:, None, None]
+    # Conditioning: keep problems whose answer is well determined (s2 + s3 away from 0 relative to s1).
+    S = torch.linalg.svdvals(M)
+    sgn = torch.sign(torch.linalg.det(M))
+    keep = (S[:, 1] + sgn * S[:, 2]) > 1e-3 * S[:, 0]
+    M = M[keep]
+    R = torch.ops.semcorr_ext.kabsch_rotation3(M.to(dtype))
+    assert R.dtype == dtype and R.shape == M.shape
+    ref = svd_rotation3(M).to(dtype)
+    tol = dict(atol=2e-3, rtol=0) if dtype == torch.float32 else dict(atol=1e-9, rtol=0)
+    torch.testing.assert_close(R, ref, **tol)
+    # R is a proper rotation.
+    R64 = R.double()
+    eye = torch.eye(3, dtype=torch.float64).expand_as(R64)
+    torch.testing.assert_close(R64.mT @ R64, eye, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+    assert (torch.linalg.det(R64) > 0).all()
+
+
+@pytest.mark.parametrize("backend", _params(["cpu"]), indirect=True)
+def test_rotation3_is_the_ops_solve(backend):
+    """kabsch_rotation3 of the op's own cross-covariance M (stats) reproduces the op's R."""
+    src, tgt, w, _ = make_problem(64, 16, 3, seed=78)
+    R, _, _, stats = _kabsch_op(src, tgt, w, True, -math.inf, math.inf)
+    M = stats[:, 5 + 6: 5 + 6 + 9].reshape(-1, 3, 3)
+    torch.testing.assert_close(torch.ops.semcorr_ext.kabsch_rotation3(M), R, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", _params(["cpu"]), indirect=True)
+def test_rotation3_zero_and_bad_input(backend):
+    R = torch.ops.semcorr_ext.kabsch_rotation3(torch.zeros(2, 3, 3))
+    torch.testing.assert_close(R, torch.eye(3).expand(2, 3, 3))  # non-unique: closest to identity
+    assert torch.ops.semcorr_ext.kabsch_rotation3(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.semcorr_ext.kabsch_rotation3(torch.zeros(2, 3, 2))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.semcorr_ext.kabsch_rotation3(torch.zeros(2, 3, 3, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------------------
 # Degenerate input
 # --------------------------------------------------------------------------------------------------
 

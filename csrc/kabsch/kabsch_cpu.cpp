@@ -142,6 +142,36 @@ BwdResult kabsch_bwd_cpu(const at::Tensor& grad_R_, const at::Tensor& grad_t_, c
   return {gsrc, gtgt, gw};
 }
 
+// The 3x3 rotation solve alone (issue 4's "3x3 solve vs torch.linalg.svd" comparison and a
+// building block for callers that already have M): R = argmax_R tr(R^T M) over SO(3) for each of
+// the B matrices, computed by the same rotation3 (Horn quaternion + Jacobi) the kabsch op runs.
+// Non-unique maximisers give the rotation closest to the identity (as in the op); non-finite
+// entries give an unspecified (possibly NaN) R. Forward only, no autograd.
+at::Tensor kabsch_rotation3_cpu(const at::Tensor& M_) {
+  TORCH_CHECK(M_.dim() == 3 && M_.size(1) == 3 && M_.size(2) == 3,
+              "kabsch_rotation3: M must have shape (B, 3, 3), got ", M_.sizes());
+  TORCH_CHECK(M_.device().is_cpu(), "kabsch_rotation3: M must be on the CPU");
+  TORCH_CHECK(M_.scalar_type() == at::kFloat || M_.scalar_type() == at::kDouble,
+              "kabsch_rotation3: M must be float32 or float64, got ", M_.scalar_type());
+  const at::Tensor M = M_.contiguous();
+  const int64_t B = M.size(0);
+  at::Tensor R = at::empty({B, 3, 3}, M.options());
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "kabsch_rotation3_cpu", [&] {
+    const scalar_t* mp = M.const_data_ptr<scalar_t>();
+    scalar_t* rp = R.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t Mb[9], Rb[9];
+        for (int k = 0; k < 9; ++k) Mb[k] = mp[b * 9 + k];
+        int flags = 0;
+        rotation3<scalar_t>(Mb, Rb, flags);
+        for (int k = 0; k < 9; ++k) rp[b * 9 + k] = Rb[k];
+      }
+    });
+  });
+  return R;
+}
+
 }  // namespace kabsch
 }  // namespace semcorr
 
@@ -153,9 +183,11 @@ TORCH_LIBRARY_FRAGMENT(semcorr_ext, m) {
       "kabsch_bwd(Tensor grad_R, Tensor grad_t, Tensor grad_s, Tensor src, Tensor tgt, Tensor? weights, Tensor R,"
       " Tensor s, Tensor stats, bool estimate_scale, float min_scale, float max_scale)"
       " -> (Tensor grad_src, Tensor grad_tgt, Tensor grad_weights)");
+  m.def("kabsch_rotation3(Tensor M) -> Tensor R");
 }
 
 TORCH_LIBRARY_IMPL(semcorr_ext, CPU, m) {
   m.impl("kabsch_fwd", &semcorr::kabsch::kabsch_fwd_cpu);
   m.impl("kabsch_bwd", &semcorr::kabsch::kabsch_bwd_cpu);
+  m.impl("kabsch_rotation3", &semcorr::kabsch::kabsch_rotation3_cpu);
 }
