@@ -32,7 +32,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -50,26 +49,10 @@ except ImportError:  # pragma: no cover - roma not installed
     roma = None
 
 
-class _JitStub:
-    @staticmethod
-    def build_info():
-        return {"cuda": False}
-
-
 def ensure_native() -> None:
-    """Use the installed extension; before it is built, JIT-compile the kabsch CPU kernels."""
-    if _ext.loaded() and hasattr(torch.ops.semcorr_ext, "kabsch_fwd"):
-        return
-    from torch.utils.cpp_extension import load
-
-    build = os.path.join(tempfile.gettempdir(), "semcorr_fast_kabsch_jit")
-    os.makedirs(build, exist_ok=True)
-    load(name="semcorr_kabsch_jit", sources=[os.path.join(ROOT, "csrc", "kabsch", "kabsch_cpu.cpp")],
-         extra_include_paths=[os.path.join(ROOT, "csrc")],
-         extra_cflags=["-O3", "-fopenmp", "-march=native", "-std=c++20"], extra_ldflags=["-fopenmp"],
-         build_directory=build, is_python_module=False)
+    """The cpu backend needs the built extension (semcorr_fast._C)."""
     if not _ext.loaded():
-        _ext._C = _JitStub  # development only: the package's _C is not built yet
+        raise RuntimeError(f"semcorr_fast._C is not built: {_ext.error()} (run scripts/setup.sh)")
 
 
 def svd_umeyama(src, tgt, w, min_scale=None):

@@ -7,13 +7,10 @@ and, for the duration of each native test only, makes ``semcorr_fast._ext`` repo
 """
 from __future__ import annotations
 
-import contextlib
 import doctest
 import itertools
 import sys
 import math
-import os
-import tempfile
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
-from semcorr_fast import _backend, _ext
+from semcorr_fast import _backend
 from semcorr_fast.ops.kabsch import (
     KABSCH_DEGENERATE,
     KABSCH_EMPTY,
@@ -35,60 +32,13 @@ from semcorr_fast.ops.kabsch import (
 )
 from semcorr_fast.reference.kabsch import kabsch_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------------------------------
-# Backend availability (with a development fallback: JIT-compile the CPU kernels)
+# Backend availability: the installed extension (semcorr_fast._C); no fallback
 # --------------------------------------------------------------------------------------------------
 
-def _kabsch_registered() -> bool:
-    try:
-        return hasattr(torch.ops.semcorr_ext, "kabsch_fwd")
-    except Exception:  # pragma: no cover - namespace not created yet
-        return False
-
-
-def _prepare_native() -> tuple[str | None, bool]:
-    """(reason the cpu backend is unavailable or None, whether _ext must be stubbed during tests)."""
-    if _ext.loaded() and _kabsch_registered():
-        return None, False
-    try:
-        from torch.utils.cpp_extension import load
-
-        build = os.path.join(tempfile.gettempdir(), "semcorr_fast_kabsch_jit")
-        os.makedirs(build, exist_ok=True)
-        load(name="semcorr_kabsch_jit", sources=[os.path.join(ROOT, "csrc", "kabsch", "kabsch_cpu.cpp")],
-             extra_include_paths=[os.path.join(ROOT, "csrc")],
-             extra_cflags=["-O3", "-fopenmp", "-march=native", "-std=c++20"], extra_ldflags=["-fopenmp"],
-             build_directory=build, is_python_module=False)
-    except Exception as exc:  # pragma: no cover - no compiler
-        return f"kabsch kernels not built and JIT compilation failed: {exc}", False
-    return None, not _ext.loaded()
-
-
-_CPU_REASON, _STUB_EXT = _prepare_native()
-
-
-class _JitStub:
-    """Stands in for semcorr_fast._C while only the JIT-compiled kabsch kernels exist."""
-
-    @staticmethod
-    def build_info():
-        return {"cuda": False, "openmp": True, "simd": "jit", "gemm": "none"}
-
-
-@contextlib.contextmanager
-def _native_ctx(backend: str):
-    if backend == "cpu" and _STUB_EXT:
-        saved = _ext._C
-        _ext._C = _JitStub
-        try:
-            yield
-        finally:
-            _ext._C = saved
-    else:
-        yield
+_CPU_REASON = _backend.why_unavailable("cpu", torch.device("cpu"))
 
 
 def _reason(backend: str) -> str | None:
@@ -111,8 +61,7 @@ GRAD = _params(["reference", "cpu"])  # gradcheck (fp64) on CPU tensors
 
 @pytest.fixture
 def backend(request):
-    with _native_ctx(request.param):
-        yield request.param
+    return request.param
 
 
 def _dev(backend: str) -> torch.device:
@@ -369,14 +318,13 @@ def test_svd_backward_nan_but_ours_finite(name, rotated):
     assert bool(torch.isfinite(g_svd).all()) == (name == "generic")
     if _CPU_REASON is not None:
         pytest.skip(_CPU_REASON)
-    with _native_ctx("cpu"):
-        g = grads(lambda x, y: kabsch(x, y, estimate_scale=True, backend="cpu"))
-        assert torch.isfinite(g).all() and g.abs().max() < 1e3
-        if name == "generic":
-            torch.testing.assert_close(g, g_svd, atol=1e-10, rtol=1e-8)
-        # ... and they are the true derivatives: R is smooth there (s_i + s_j > 0).
-        inputs = (pts.clone().requires_grad_(), tgt0.clone().requires_grad_())
-        assert gradcheck(lambda x, y: kabsch(x, y, estimate_scale=True, backend="cpu"), inputs)
+    g = grads(lambda x, y: kabsch(x, y, estimate_scale=True, backend="cpu"))
+    assert torch.isfinite(g).all() and g.abs().max() < 1e3
+    if name == "generic":
+        torch.testing.assert_close(g, g_svd, atol=1e-10, rtol=1e-8)
+    # ... and they are the true derivatives: R is smooth there (s_i + s_j > 0).
+    inputs = (pts.clone().requires_grad_(), tgt0.clone().requires_grad_())
+    assert gradcheck(lambda x, y: kabsch(x, y, estimate_scale=True, backend="cpu"), inputs)
 
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
