@@ -1,0 +1,289 @@
+"""Evaluation runner: a dataset of pairs, a backbone, a matcher → per-pair predictions and PCK tables.
+
+``evaluate(dataset, backbone, matcher)`` runs the protocol pair by pair:
+
+1. features of the source and the target image (from the on-disk cache when given one), computed on the
+   backbone's canvas from the dataset's canvas image (see :func:`backbone_input`), so a feature map
+   covers a known rectangle (``frame``) of the dataset canvas;
+2. the K keypoint rows matched by :func:`semcorr_fast.matching.match_keypoints` (or
+   :func:`~semcorr_fast.matching.pose_align` with test-time pose alignment);
+3. PCK / PCK† / error breakdown per category and overall (:mod:`semcorr_fast.metrics`).
+
+Under ``torchrun`` (torch.distributed initialised), pairs are sharded by rank (``i ≡ rank mod world``),
+each rank extracts only its own pairs' features, and the records are gathered on every rank, so the
+result equals the single-process one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import matching
+from .data.base import Pair, PairDataset
+
+#: PCK thresholds reported by each protocol (PF-PASCAL uses 0.05/0.1/0.15; everyone else 0.01/0.05/0.1).
+DEFAULT_ALPHAS = {"pf-pascal": (0.05, 0.1, 0.15)}
+
+
+def alphas_for(dataset_name: str) -> tuple[float, ...]:
+    return DEFAULT_ALPHAS.get(dataset_name, (0.01, 0.05, 0.1))
+
+
+def backbone_input(image: Tensor, canvas) -> tuple[Tensor, tuple[float, float, float, float]]:
+    """A dataset-canvas image (3, H, W) → (the backbone's input image, the frame its feature map covers).
+
+    The backbone's :class:`~semcorr_fast.data.canvas.Canvas` decides: ``resize`` squashes to its size;
+    ``pad_square(S)`` pads a non-square image centred to a square (the frame then extends past the
+    image by the padding) and resizes to S; ``max_side``/``identity`` keep the image. The frame is in
+    dataset-canvas pixels.
+    """
+    _, H, W = image.shape
+    frame = (0.0, 0.0, float(W), float(H))
+    kind = getattr(canvas, "kind", "identity")
+    if kind == "resize":
+        h, w = canvas.size
+        if (h, w) != (H, W):
+            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        return image, frame
+    if kind == "pad_square":
+        S = canvas.size
+        if H != W:
+            L = max(H, W)
+            ox, oy = (L - W) // 2, (L - H) // 2
+            padded = image.new_zeros(3, L, L)
+            padded[:, oy:oy + H, ox:ox + W] = image
+            image, frame = padded, (-float(ox), -float(oy), float(L - ox), float(L - oy))
+        if image.shape[-1] != S:
+            image = F.interpolate(image[None], size=(S, S), mode="bilinear", align_corners=False, antialias=True)[0]
+        return image, frame
+    if kind == "max_side":
+        S = canvas.size
+        if max(H, W) != S:
+            r = S / max(H, W)
+            image = F.interpolate(image[None], size=(max(1, round(H * r)), max(1, round(W * r))), mode="bilinear",
+                                  align_corners=False, antialias=True)[0]
+        return image, frame
+    return image, frame
+
+
+class FeatureSource:
+    """Features of dataset-canvas images by key, through an optional on-disk cache.
+
+    ``get(image, key) -> (feat (C, h, w) float32, frame)``; the key should name the image and its canvas
+    (the runner uses ``f"{name}@{H}x{W}"``, with ``":flip"``/``":rot90"`` for re-encoded poses).
+    """
+
+    def __init__(self, backbone, cache=None, device: str | torch.device = "cpu"):
+        self.backbone = backbone
+        self.cache = cache
+        self.device = torch.device(device)
+        self.computed = 0
+
+    @torch.no_grad()
+    def get(self, image: Tensor, key: str) -> tuple[Tensor, tuple[float, float, float, float]]:
+        inp, frame = backbone_input(image, self.backbone.canvas)
+        if self.cache is not None and self.cache.has(key):
+            return self.cache.get(key).float(), frame
+        feat = self.backbone(inp[None].to(self.device))[0].float().cpu()
+        self.computed += 1
+        if self.cache is not None:
+            self.cache.put(key, feat)
+        return feat, frame
+
+
+@dataclass
+class PairRecord:
+    """One evaluated pair: everything the metrics need, and what the plots show."""
+
+    index: int
+    pair_id: str
+    category: str
+    pred: Tensor          # (K, 2) canvas pixels
+    gt: Tensor            # (K, 2)
+    src_kps: Tensor       # (K, 2)
+    valid: Tensor         # (K,) bool
+    thr: float
+    pose: str = "identity"
+    flip_perm: Tensor | None = None
+
+
+@dataclass
+class EvalResult:
+    records: list[PairRecord]
+    summary: dict
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary, "info": self.info, "seconds": self.seconds,
+                "pairs": [{"index": r.index, "pair_id": r.pair_id, "category": r.category, "pose": r.pose,
+                           "thr": r.thr, "pred": _nan_list(r.pred), "gt": r.gt.tolist(),
+                           "valid": r.valid.tolist()} for r in self.records]}
+
+
+def _nan_list(t: Tensor) -> list:
+    return [[None if math.isnan(v) else v for v in row] for row in t.tolist()]
+
+
+def _content_mask(frame, hw, box) -> Tensor:
+    """Cells of an (h, w) map over ``frame`` whose centre lies inside ``box`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = frame
+    h, w = hw
+    xs = x0 + (torch.arange(w) + 0.5) * (x1 - x0) / w
+    ys = y0 + (torch.arange(h) + 0.5) * (y1 - y0) / h
+    bx0, by0, bx1, by1 = [float(v) for v in box]
+    return ((ys >= by0) & (ys <= by1))[:, None] & ((xs >= bx0) & (xs <= bx1))[None, :]
+
+
+def _object_box(pair: Pair, side: str):
+    """The source/target instance box used as the pose-alignment mask: the bbox, else the image content."""
+    bbox = pair.src_bbox if side == "src" else pair.trg_bbox
+    if bbox is not None:
+        return bbox
+    tf = pair.src_tf if side == "src" else pair.trg_tf
+    if tf is not None:
+        return tf.content_box
+    img = pair.src_image if side == "src" else pair.trg_image
+    return (0, 0, img.shape[-1], img.shape[-2])
+
+
+def _candidate_box(box, cand: str, canvas_hw):
+    H, W = canvas_hw
+    x0, y0, x1, y1 = [float(v) for v in box]
+    corners = torch.tensor([[x0, y0], [x1, y1]])
+    if cand == "flip":
+        corners = torch.stack((W - corners[:, 0], corners[:, 1]), -1)
+    elif cand.startswith("rot"):
+        corners = matching.rotate_query(corners, int(cand[3:]) // 90, canvas_hw)
+    lo, hi = corners.min(0).values, corners.max(0).values
+    return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
+
+
+def evaluate_pair(pair: Pair, feats: FeatureSource, matcher, *, pose: str = "none", pose_score: str = "imd",
+                  index: int = 0) -> PairRecord:
+    """Match one pair's keypoints (see :func:`evaluate` for ``pose``)."""
+    H, W = pair.src_image.shape[-2:]
+    trg_feat, trg_frame = feats.get(pair.trg_image, f"{pair.trg_name}@{pair.trg_image.shape[-2]}x{pair.trg_image.shape[-1]}")
+    src_key = f"{pair.src_name}@{H}x{W}"
+    src_feat, src_frame = feats.get(pair.src_image, src_key)
+    if pose == "none":
+        pred = matching.match_keypoints(src_feat, trg_feat, pair.src_kps, matcher, src_frame=src_frame,
+                                        trg_frame=trg_frame)
+        chosen = "identity"
+    else:
+        cands = matching.pose_candidates(pair.category, "paper" if pose == "paper" else "code")
+        if pair.flip_perm is None:
+            cands = [c for c in cands if c != "flip"]
+        sfeats, sframes, smasks = {"identity": src_feat}, {"identity": src_frame}, {}
+        for c in cands:
+            if c == "identity":
+                continue
+            img = matching.candidate_image(pair.src_image, c)
+            sfeats[c], sframes[c] = feats.get(img, f"{src_key}:{c}")
+        tmask = None
+        if pose_score == "imd":
+            for c, f in sfeats.items():
+                smasks[c] = _content_mask(sframes[c], f.shape[1:], _candidate_box(_object_box(pair, "src"), c, (H, W)))
+            tmask = _content_mask(trg_frame, trg_feat.shape[1:], _object_box(pair, "trg"))
+        pred, chosen, _ = matching.pose_align(sfeats, trg_feat, pair.src_kps, pair.valid, matcher, canvas_hw=(H, W),
+                                              src_frames=sframes, trg_frame=trg_frame, flip_perm=pair.flip_perm,
+                                              src_masks=smasks or None, trg_mask=tmask, score=pose_score)
+    return PairRecord(index, pair.pair_id, pair.category, pred.float(), pair.trg_kps.float(), pair.src_kps.float(),
+                      pair.valid.clone(), float(pair.thr), chosen, pair.flip_perm)
+
+
+def _stack(records: list[PairRecord]):
+    """Pad every pair to the largest K (padding is invalid) → pred, gt (P, K, 2), thr (P,), valid (P, K)."""
+    K = max((r.pred.shape[0] for r in records), default=0)
+    P = len(records)
+    pred = torch.full((P, K, 2), float("nan"))
+    gt = torch.zeros(P, K, 2)
+    valid = torch.zeros(P, K, dtype=torch.bool)
+    for i, r in enumerate(records):
+        k = r.pred.shape[0]
+        pred[i, :k], gt[i, :k], valid[i, :k] = r.pred, r.gt, r.valid
+    thr = torch.tensor([r.thr for r in records], dtype=torch.float32)
+    return pred, gt, thr, valid
+
+
+def summarize_records(records: list[PairRecord], alphas, *, dagger: bool = True, geo_dataset: str | None = None) -> dict:
+    """Per-category and overall PCK (per image and per point) of evaluated pairs; PCK† when ``dagger``;
+    the geometry-aware subset's numbers when ``geo_dataset`` names a dataset with part groups."""
+    from . import metrics
+
+    pred, gt, thr, valid = _stack(records)
+    cats = [r.category for r in records]
+    geo = None
+    if geo_dataset is not None:
+        rows = []
+        for r in records:
+            m = metrics.geoaware_subset(r.category, r.valid, r.valid, dataset=geo_dataset)
+            rows.append(F.pad(m, (0, valid.shape[1] - m.shape[0])))
+        geo = torch.stack(rows) if rows else None
+    return metrics.summarize(pred, gt, thr, valid, cats, alphas=tuple(alphas), dagger=dagger, geo_mask=geo)
+
+
+def _dist():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def evaluate(dataset: PairDataset, backbone, matcher="geoaware", *, pose: str = "none", pose_score: str = "imd",
+             cache=None, device="cpu", limit: int | None = None, alphas=None, dagger: bool = True,
+             geo_dataset: str | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate a backbone + matcher on a dataset.
+
+    Args:
+        dataset: a :class:`~semcorr_fast.data.base.PairDataset` (its canvas is the evaluation frame).
+        backbone: a :mod:`semcorr_fast.backbones` model (``canvas``, ``forward(images) -> (B, C, h, w)``).
+        matcher: a :class:`~semcorr_fast.matching.Matcher` or a preset name.
+        pose: "none"; "code" (identity vs flip, GeoAware-SC's released code); "paper" (also ±90°/180°
+            rotations for bottles).
+        pose_score: "imd" (instance matching distance inside the instance boxes) or "mutual_nn".
+        cache: a feature cache with ``has/get/put`` (``semcorr_fast.backbones.cache.FeatureCache``).
+        limit: evaluate only the first ``limit`` pairs.
+    Returns:
+        :class:`EvalResult` (records sorted by pair index, the summary dict of :func:`summarize_records`).
+    """
+    from tqdm.auto import tqdm
+
+    if pose not in ("none", "code", "paper"):
+        raise ValueError(f"evaluate: pose must be 'none', 'code' or 'paper', got {pose!r}")
+    dist, rank, world = _dist()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    mine = range(rank, n, world)
+    feats = FeatureSource(backbone, cache, device)
+    t0 = time.perf_counter()
+    records = []
+    for i in tqdm(mine, disable=not progress or rank != 0, desc=f"eval {getattr(dataset, 'name', '')}"):
+        records.append(evaluate_pair(dataset[i], feats, matcher, pose=pose, pose_score=pose_score, index=i))
+    if dist is not None:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    records.sort(key=lambda r: r.index)
+    seconds = time.perf_counter() - t0
+    alphas = alphas if alphas is not None else alphas_for(getattr(dataset, "name", ""))
+    summary = summarize_records(records, alphas, dagger=dagger, geo_dataset=geo_dataset) if records else {}
+    info = {"dataset": getattr(dataset, "name", type(dataset).__name__), "n_pairs": len(records),
+            "backbone": getattr(backbone, "name", type(backbone).__name__),
+            "matcher": repr(matching.build_matcher(matcher)), "pose": pose, "pose_score": pose_score,
+            "world_size": world, "features_computed_rank0": feats.computed}
+    return EvalResult(records, summary, seconds, info)
+
+
+def write_json(result: EvalResult, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result.to_json(), f, indent=1, allow_nan=True)
+    os.replace(tmp, path)

@@ -1,0 +1,146 @@
+"""The evaluation runner, `semcorr eval` / `semcorr demo`, and the torchrun-sharded evaluation."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semcorr_fast import evaluate, matching
+from semcorr_fast.data import Canvas, Pair
+from semcorr_fast.evaluate import FeatureSource, backbone_input
+
+
+class PoolBackbone(torch.nn.Module):
+    """Features = the image's 8×8 average colours plus a high-frequency code: exact on identical images."""
+
+    name = "pool8"
+    dim = 3
+    stride = 8
+
+    def __init__(self, canvas):
+        super().__init__()
+        self.canvas = canvas
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        return F.avg_pool2d(images, 8)
+
+
+def _noise_image(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, h // 8, w // 8, generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+
+
+def _pair(img, kps, valid=None, perm=None, name="a"):
+    K = kps.shape[0]
+    valid = torch.ones(K, dtype=torch.bool) if valid is None else valid
+    return Pair(img, img, kps, kps.clone(), valid, 100.0, "cat", f"p-{name}", name, name, flip_perm=perm)
+
+
+@pytest.mark.parametrize("canvas", [Canvas.resized(64, 64), Canvas.pad_square(96), Canvas.identity()])
+def test_identical_images_match_exactly_through_any_backbone_canvas(canvas):
+    img = _noise_image(48, 96, 0)  # non-square dataset canvas: pad_square pads it to a square first
+    cells = torch.tensor([[1, 1], [10, 4], [5, 2], [0, 5]], dtype=torch.float32)
+    kps = (cells + 0.5) * 8
+    bb = PoolBackbone(canvas)
+    inp, frame = backbone_input(img, canvas)
+    if canvas.kind == "pad_square":
+        assert inp.shape[-2:] == (96, 96) and frame == (0.0, -24.0, 96.0, 72.0)
+    rec = evaluate.evaluate_pair(_pair(img, kps), FeatureSource(bb), "argmax")
+    hw = (inp.shape[-2] // 8, inp.shape[-1] // 8)
+    # identical images: the prediction is the centre of the backbone cell that holds the keypoint
+    want = matching.from_grid(matching.to_grid(kps, frame, hw).floor(), frame, hw, "center")
+    torch.testing.assert_close(rec.pred, want)
+    if canvas.kind != "resize":  # 8-px cells aligned with the keypoints' cells: exact
+        torch.testing.assert_close(rec.pred, kps)
+
+
+def test_feature_cache_is_used(tmp_path):
+    from semcorr_fast.backbones.cache import FeatureCache
+
+    img = _noise_image(32, 32, 1)
+    bb = PoolBackbone(Canvas.identity())
+    cache = FeatureCache(str(tmp_path), bb.name, bb.canvas)
+    p = _pair(img, torch.tensor([[4.0, 4.0]]))
+    evaluate.evaluate_pair(p, FeatureSource(bb, cache), "argmax")
+    calls = bb.calls
+    assert calls >= 1
+    rec = evaluate.evaluate_pair(p, FeatureSource(bb, cache), "argmax")
+    assert bb.calls == calls
+    torch.testing.assert_close(rec.pred, torch.tensor([[4.0, 4.0]]))
+
+
+def test_pose_code_flip_on_mirrored_pair():
+    # target = the mirrored source; keypoints 0/1 are a left/right pair: the flip pose must win and give
+    # exact predictions, while the identity pose gets the pair swapped.
+    src = _noise_image(64, 64, 2)
+    trg = src.flip(-1)
+    kps = torch.tensor([[12.0, 20.0], [52.0, 20.0], [36.0, 44.0]])
+    perm = torch.tensor([1, 0, 2])
+    gt = torch.stack((64 - kps[perm, 0], kps[perm, 1]), -1)
+    pair = Pair(src, trg, kps, gt, torch.ones(3, dtype=torch.bool), 64.0, "cat", "mirror", "s", "t", flip_perm=perm)
+    bb = PoolBackbone(Canvas.identity())
+    rec = evaluate.evaluate_pair(pair, FeatureSource(bb), "argmax", pose="code")
+    assert rec.pose == "flip"
+    cell = lambda p: (torch.floor(p / 8) + 0.5) * 8  # noqa: E731  argmax predicts cell centres
+    torch.testing.assert_close(rec.pred, cell(gt))
+
+
+def test_evaluate_summary_and_json(tmp_path):
+    pytest.importorskip("semcorr_fast.metrics")
+    img = _noise_image(32, 32, 3)
+    kps = torch.tensor([[4.0, 4.0], [20.0, 12.0]])
+
+    class DS(list):
+        name = "toy"
+
+    ds = DS([_pair(img, kps, name="a"), _pair(img, kps, torch.tensor([True, False]), name="b")])
+    res = evaluate.evaluate(ds, PoolBackbone(Canvas.identity()), "argmax", progress=False)
+    assert res.info["n_pairs"] == 2
+    overall = res.summary["overall"]
+    assert abs(overall["pck@0.1/image"] - 1.0) < 1e-6 and abs(overall["pck@0.1/point"] - 1.0) < 1e-6
+    out = tmp_path / "r.json"
+    evaluate.write_json(res, str(out))
+    data = json.loads(out.read_text())
+    assert len(data["pairs"]) == 2 and data["pairs"][1]["valid"] == [True, False]
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "semcorr_fast.cli", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_cli_eval_warps_plots_and_torchrun_equal(tmp_path):
+    pytest.importorskip("semcorr_fast.data.warps")
+    pytest.importorskip("semcorr_fast.backbones")
+    one = tmp_path / "one.json"
+    r = _cli(["eval", "--dataset", "warps", "--n-pairs", "4", "--backbone", "daisy", "--out", str(one),
+              "--plot", str(tmp_path / "plots"), "--n-pictures", "1", "--quiet"])
+    assert r.returncode == 0, r.stderr
+    assert "all" in r.stdout
+    assert (tmp_path / "plots" / "pck_curve.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "match_00000.png").stat().st_size > 1000
+    two = tmp_path / "two.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "semcorr_fast.cli", "eval", "--dataset", "warps", "--n-pairs", "4", "--backbone", "daisy",
+                        "--out", str(two), "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["info"]["world_size"] == 2 and a["info"]["world_size"] == 1
+    assert a["summary"] == b["summary"]
+    assert [p["pred"] for p in a["pairs"]] == [p["pred"] for p in b["pairs"]]
+
+
+@pytest.mark.slow
+def test_demo_writes_a_picture(tmp_path):
+    pytest.importorskip("semcorr_fast.data.warps")
+    pytest.importorskip("semcorr_fast.backbones")
+    out = tmp_path / "demo.png"
+    r = _cli(["demo", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 10000 and "PCK@0.1" in r.stdout
