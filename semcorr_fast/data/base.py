@@ -50,7 +50,7 @@ class Pair:
     """One evaluation pair on its canvas.
 
     Shapes: images (3, H, W) float32 in [0, 1]; ``src_kps``/``trg_kps`` (K, 2) float32 canvas pixels
-    (x, y); ``valid`` (K,) bool; bboxes (4,) (x0, y0, x1, y1) on the canvas or None.
+    (x, y), NaN where the keypoint is not annotated/visible in that image; ``valid`` (K,) bool; bboxes (4,) (x0, y0, x1, y1) on the canvas or None.
     ``thr`` is the PCK threshold base on the canvas (max side of the target bbox, or of the target
     image, by the dataset's protocol). ``flip_perm`` (K,) long maps keypoint k to its mirror-image
     counterpart (the left/right permutation used by pose-aware matching), or None if the dataset has
