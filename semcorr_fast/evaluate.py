@@ -112,6 +112,8 @@ class PairRecord:
     thr: float
     pose: str = "identity"
     flip_perm: Tensor | None = None
+    src_vis: Tensor | None = None  # (K,) bool: annotated in the source (finite keypoint)
+    trg_vis: Tensor | None = None  # (K,) bool: annotated in the target
 
 
 @dataclass
@@ -196,7 +198,8 @@ def evaluate_pair(pair: Pair, feats: FeatureSource, matcher, *, pose: str = "non
                                               src_frames=sframes, trg_frame=trg_frame, flip_perm=pair.flip_perm,
                                               src_masks=smasks or None, trg_mask=tmask, score=pose_score)
     return PairRecord(index, pair.pair_id, pair.category, pred.float(), pair.trg_kps.float(), pair.src_kps.float(),
-                      pair.valid.clone(), float(pair.thr), chosen, pair.flip_perm)
+                      pair.valid.clone(), float(pair.thr), chosen, pair.flip_perm,
+                      torch.isfinite(pair.src_kps).all(-1), torch.isfinite(pair.trg_kps).all(-1))
 
 
 def _stack(records: list[PairRecord]):
@@ -224,7 +227,10 @@ def summarize_records(records: list[PairRecord], alphas, *, dagger: bool = True,
     if geo_dataset is not None:
         rows = []
         for r in records:
-            m = metrics.geoaware_subset(r.category, r.valid, r.valid, dataset=geo_dataset)
+            # the rule needs each image's own visibility (e.g. >= 2 group members visible in the target)
+            vs = r.src_vis if r.src_vis is not None else r.valid
+            vt = r.trg_vis if r.trg_vis is not None else r.valid
+            m = metrics.geoaware_subset(r.category, vs, vt, dataset=geo_dataset) & r.valid
             rows.append(F.pad(m, (0, valid.shape[1] - m.shape[0])))
         geo = torch.stack(rows) if rows else None
     return metrics.summarize(pred, gt, thr, valid, cats, alphas=tuple(alphas), dagger=dagger, geo_mask=geo)
