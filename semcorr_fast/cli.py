@@ -205,7 +205,12 @@ def main(argv=None) -> int:
     if extra and args.cmd != "kernels":  # other options are passed through to the AOT compiler
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return args.fn(args)
+    from .data.base import DatasetFormatError
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, DatasetFormatError) as exc:  # missing data/weights: the message names the file
+        print(f"semcorr {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

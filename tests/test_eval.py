@@ -144,3 +144,37 @@ def test_demo_writes_a_picture(tmp_path):
     r = _cli(["demo", "--out", str(out)])
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 10000 and "PCK@0.1" in r.stdout
+
+
+def _fake(name, tmp_path):
+    import importlib.util
+    here = os.path.join(os.path.dirname(__file__), "fakedata", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"fakedata_{name}", here)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_eval_fake_spair_with_pose_and_geo(tmp_path):
+    fake = _fake("spair_pf_ap10k", tmp_path)
+    root = fake.make_spair(str(tmp_path / "spair"), n_pairs=2, categories=("cat",))
+    out = tmp_path / "spair.json"
+    r = _cli(["eval", "--dataset", "spair", "--root", root, "--backbone", "daisy", "--matcher", "geoaware",
+              "--pose", "code", "--geo", "spair", "--cache", str(tmp_path / "cache"), "--out", str(out), "--quiet"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["info"]["n_pairs"] == 2 and {p["pose"] for p in data["pairs"]} <= {"identity", "flip"}
+    assert "cat" in data["summary"]["per_category"] and "pck@0.1/image" in data["summary"]["overall"]
+    assert any(k.startswith("geo/") for k in data["summary"]["overall"])
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) >= 3   # both images + a flipped source
+    # a second run reads every feature from the cache and gives the same numbers
+    r2 = _cli(["eval", "--dataset", "spair", "--root", root, "--backbone", "daisy", "--matcher", "geoaware",
+               "--pose", "code", "--geo", "spair", "--cache", str(tmp_path / "cache"), "--out", str(out) + "2", "--quiet"])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    again = json.loads((tmp_path / "spair.json2").read_text())
+    assert again["summary"] == data["summary"] and again["info"]["features_computed_rank0"] == 0
+
+
+def test_cli_eval_missing_root_names_the_path(tmp_path):
+    r = _cli(["eval", "--dataset", "spair", "--root", str(tmp_path / "nowhere"), "--backbone", "daisy", "--quiet"])
+    assert r.returncode != 0 and "nowhere" in r.stderr
