@@ -6,6 +6,8 @@
     semcorr eval --dataset NAME [--root DIR] --backbone NAME --matcher PRESET [--plot DIR] [--out FILE]
                                          PCK tables of a backbone + matcher on a dataset (torchrun shards it)
     semcorr demo [--out demo.png]        one warped photo pair, matched and drawn (no download needed)
+    semcorr train METHOD --config FILE [--set k=v ...] [--resume]
+                                         train a method of the papers (configs/; torchrun for DDP)
 """
 from __future__ import annotations
 
@@ -201,6 +203,8 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--index", type=int, default=0, help="which pair of the warps dataset")
     d.set_defaults(fn=_demo)
+    from .train.cli import add_train_parser
+    add_train_parser(sub)
     args, extra = p.parse_known_args(argv)
     if extra and args.cmd != "kernels":  # other options are passed through to the AOT compiler
         p.error(f"unrecognized arguments: {' '.join(extra)}")
