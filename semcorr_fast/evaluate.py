@@ -168,10 +168,38 @@ def _candidate_box(box, cand: str, canvas_hw):
     return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
 
 
+def _pair_aware_predict(model, pair: Pair, device) -> Tensor:
+    """Predictions of a model whose query depends on the target (``model.match_points``, e.g. Universal's
+    cross-attention adapter): both images to the model's canvas, keypoints mapped there and back."""
+    s_in, sf = backbone_input(pair.src_image, model.canvas)
+    t_in, tf = backbone_input(pair.trg_image, model.canvas)
+
+    def to_input(xy, frame, img):
+        x0, y0, x1, y1 = frame
+        return torch.stack(((xy[:, 0] - x0) * img.shape[-1] / (x1 - x0), (xy[:, 1] - y0) * img.shape[-2] / (y1 - y0)), -1)
+
+    q = to_input(pair.src_kps.float(), sf, s_in)
+    with torch.no_grad():
+        p = model.match_points(s_in[None].to(device), t_in[None].to(device), q[None].to(device))[0].float().cpu()
+    x0, y0, x1, y1 = tf
+    return torch.stack((x0 + p[:, 0] * (x1 - x0) / t_in.shape[-1], y0 + p[:, 1] * (y1 - y0) / t_in.shape[-2]), -1)
+
+
 def evaluate_pair(pair: Pair, feats: FeatureSource, matcher, *, pose: str = "none", pose_score: str = "imd",
                   index: int = 0) -> PairRecord:
-    """Match one pair's keypoints (see :func:`evaluate` for ``pose``)."""
+    """Match one pair's keypoints (see :func:`evaluate` for ``pose``).
+
+    A model with a ``match_points(src_images, trg_images, src_xy)`` method (a pair-aware matcher such as
+    Universal's adapter) predicts by itself; ``matcher`` and ``pose`` do not apply to it.
+    """
     H, W = pair.src_image.shape[-2:]
+    if hasattr(feats.backbone, "match_points"):
+        if pose != "none":
+            raise ValueError(f"evaluate: pose alignment is not defined for the pair-aware model {feats.backbone.name}")
+        pred = _pair_aware_predict(feats.backbone, pair, feats.device)
+        return PairRecord(index, pair.pair_id, pair.category, pred, pair.trg_kps.float(), pair.src_kps.float(),
+                          pair.valid.clone(), float(pair.thr), "identity", pair.flip_perm,
+                          torch.isfinite(pair.src_kps).all(-1), torch.isfinite(pair.trg_kps).all(-1))
     trg_feat, trg_frame = feats.get(pair.trg_image, f"{pair.trg_name}@{pair.trg_image.shape[-2]}x{pair.trg_image.shape[-1]}")
     src_key = f"{pair.src_name}@{H}x{W}"
     src_feat, src_frame = feats.get(pair.src_image, src_key)

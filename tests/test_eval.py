@@ -178,3 +178,19 @@ def test_cli_eval_fake_spair_with_pose_and_geo(tmp_path):
 def test_cli_eval_missing_root_names_the_path(tmp_path):
     r = _cli(["eval", "--dataset", "spair", "--root", str(tmp_path / "nowhere"), "--backbone", "daisy", "--quiet"])
     assert r.returncode != 0 and "nowhere" in r.stderr
+
+
+def test_pair_aware_model_frames_roundtrip():
+    class Echo(PoolBackbone):
+        name = "echo"
+
+        def match_points(self, src_images, trg_images, src_xy):
+            assert src_images.shape[-2:] == (96, 96) and trg_images.shape[-2:] == (96, 96)
+            return src_xy  # "the same pixel": must come back as the same canvas point
+
+    img = _noise_image(48, 96, 4)
+    kps = torch.tensor([[10.0, 5.0], [90.0, 40.0]])
+    rec = evaluate.evaluate_pair(_pair(img, kps), FeatureSource(Echo(Canvas.pad_square(96))), "argmax")
+    torch.testing.assert_close(rec.pred, kps)
+    with pytest.raises(ValueError, match="pair-aware"):
+        evaluate.evaluate_pair(_pair(img, kps), FeatureSource(Echo(Canvas.pad_square(96))), "argmax", pose="code")

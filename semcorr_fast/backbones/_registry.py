@@ -24,7 +24,9 @@ def register_backbone(name: str) -> Callable[[Callable], Callable]:
 
 
 def list_backbones() -> list[str]:
-    """Sorted names of the registered backbones."""
+    """Sorted names of the registered backbones (including those that method modules define)."""
+    from .. import methods
+    methods.list_methods()
     return sorted(_REGISTRY)
 
 
@@ -47,6 +49,9 @@ def create_backbone(name: str, *, weights=None, pretrained: bool = True, device=
         A :class:`~semcorr_fast.backbones.Backbone`.
     """
     from ._base import freeze
+    if name not in _REGISTRY:  # backbones that method modules define (e.g. "smallcnn" in methods/nets.py)
+        from .. import methods
+        methods.list_methods()
     if name not in _REGISTRY:
         raise KeyError(f"create_backbone: unknown backbone {name!r}; registered: {list_backbones()}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -138,6 +138,9 @@ SCHEMA: dict[str, Any] = {
         "split": (_optional(_str), None),
         "pairs": (_optional(_str), None),
         "n_pairs": (_optional(_int(1)), None),
+        # automatic pair curation (Universal): "knn" pairs each image with its class-token neighbours,
+        # widening by the method's pair_schedule; "none" samples two independent images
+        "curation": (_choice("none", "knn"), "none"),
     },
     "optim": {
         "name": (_choice("adam", "adamw"), "adam"),

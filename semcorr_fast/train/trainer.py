@@ -164,6 +164,20 @@ def _eval_limit(config: TrainConfig, ds) -> int | None:
     return limit
 
 
+def _make_stream(config, method, backbone, source, rank, world, device):
+    """The batch stream: independent random images, or curated pairs (``data.curation = "knn"``)."""
+    t = config.train
+    if config.data.curation == "none":
+        return BatchStream(source, t.batch_size, t.seed, rank, world)
+    from ..curation import DEFAULT_SCHEDULE, CuratedBatchStream, curate_pairs, extract_class_tokens
+
+    schedule = getattr(method, "pair_schedule", DEFAULT_SCHEDULE)
+    k_max = min(max(k for _, k in schedule), max(1, len(source) - 1))
+    tokens = extract_class_tokens(backbone, source, device=device)   # same on every rank (same seeded source)
+    _, neighbours = curate_pairs(tokens, k_max, exclude_self=True)
+    return CuratedBatchStream(source, t.batch_size, t.seed, neighbours, schedule, rank=rank, world=world)
+
+
 def _make_optimizer(config: TrainConfig, params):
     o = config.optim
     kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -398,7 +412,7 @@ def _train(config, dist, rank, world, local, out_dir, resume, stop_after):
     backbone = build_backbone(config, device)
     method = _build_method(config, backbone).to(device)
     source = build_source(config, backbone.canvas)
-    stream = BatchStream(source, t.batch_size, t.seed, rank, world)
+    stream = _make_stream(config, method, backbone, source, rank, world, device)
     params = method.trainable_parameters()
     has_params = any(p.requires_grad for g in params for p in (g["params"] if isinstance(g, dict) else [g]))
     # a method without trainable parameters (a fixed or fitted projection) still runs its training steps
