@@ -171,6 +171,7 @@ SCHEMA: dict[str, Any] = {
     "eval": {
         "every": (_int(0), 1000),
         "at_end": (_bool, True),
+        "at_start": (_bool, False),   # also evaluate the untrained model (logged as step 0)
         "dataset": (_str, "warps"),
         "n_pairs": (_optional(_int(1)), 50),
         "seed": (_optional(_int(0)), None),

@@ -419,7 +419,7 @@ def _train(config, dist, rank, world, local, out_dir, resume, stop_after):
     # (e.g. to fit itself on training images); it gets no optimiser, no DDP wrapper, and under DDP its
     # state is broadcast from rank 0 after every step so that every rank evaluates the same model
     opt, sched = _make_optimizer(config, params) if has_params else (None, None)
-    eval_ds = build_eval_dataset(config) if (e.every or e.at_end) else None
+    eval_ds = build_eval_dataset(config) if (e.every or e.at_end or e.at_start) else None
 
     start, best, elapsed, sums0, n_acc0 = 0, None, 0.0, {}, 0
     _seed_all(derive_seed(t.seed, 2, rank))
@@ -473,6 +473,12 @@ def _train(config, dist, rank, world, local, out_dir, resume, stop_after):
     n_acc = n_acc0
     bar = tqdm(total=t.steps, initial=start, disable=(not t.progress) or rank != 0, desc=f"train {config.method}",
                dynamic_ncols=True)
+    if eval_ds is not None and e.at_start and start == 0:  # the untrained model's numbers, logged as step 0
+        first = {"step": 0, **{f"eval/{k}": v for k, v in _evaluate(config, method, eval_ds, device).items()}}
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(first) + "\n")
+        logs.append(first)
     t0 = time.perf_counter()
     method.train()
     for step, batch in stream.iterate(start, stop, num_workers=config.data.num_workers):
