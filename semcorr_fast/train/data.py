@@ -16,9 +16,12 @@ for every world size: rank ``r`` of ``W`` receives items ``[r·B/W, (r+1)·B/W)`
 Batch layout (image sources): ``{"src": (b, 3, H, W), "trg": (b, 3, H, W), "index": (b, 2) int64}`` —
 two independent random training images per item (``index`` = their source indices, src ≠ trg).
 Pair sources add ``src_kps``/``trg_kps`` ``(b, K, 2)`` float32 (canvas pixels, padded with NaN),
-``valid`` ``(b, K)`` bool, ``thr`` ``(b,)`` float32, ``category`` / ``pair_id`` (lists of str) and
-``index`` ``(b,)``. The trainer adds ``"generator"`` and ``"item_seeds"`` (see
-:meth:`semcorr_fast.methods.Method.training_step`).
+``valid`` ``(b, K)`` bool, ``thr`` ``(b,)`` float32 (target) and ``src_thr`` (source, :func:`source_thr`),
+``flip_perm`` ``(b, K)`` int64 (the dataset's left/right permutation; rows of -1 where it has none),
+``category`` / ``pair_id`` / ``src_name`` / ``trg_name`` (lists of str) and ``index`` ``(b,)``. A pair
+source with a ``make_batch(indices)`` method (e.g. GeoAware-SC's cached-feature pairs,
+:class:`semcorr_fast.methods.feature_pairs.FeaturePairs`) assembles its own batches instead. The
+trainer adds ``"generator"`` and ``"item_seeds"`` (see :meth:`semcorr_fast.methods.Method.training_step`).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 from PIL import Image
 
 __all__ = ["SHIPPED_PHOTOS", "ShippedPhotos", "ImageFolder", "DatasetPairs", "BatchStream", "derive_seed",
-           "training_size", "IMAGE_EXTENSIONS"]
+           "training_size", "source_thr", "IMAGE_EXTENSIONS"]
 
 #: scikit-image's bundled photographs used by :class:`ShippedPhotos` (``skimage.data`` loader names; the
 #: files are inside the installed package, so nothing is downloaded). Grey ones are replicated to RGB.
@@ -298,6 +301,19 @@ class DatasetPairs:
         return f"DatasetPairs({getattr(self.dataset, 'name', type(self.dataset).__name__)}, n={len(self)})"
 
 
+def source_thr(pair, thr_kind: str = "bbox") -> float:
+    """The PCK threshold base of a pair's SOURCE image, in canvas pixels (``Pair.thr`` is the target's):
+    the max side of the source bbox (``thr_kind="bbox"``), else of the source image content; NaN when
+    the pair has neither (GeoAware-SC's self-flip augmentation scales its noise by it)."""
+    if thr_kind == "bbox" and pair.src_bbox is not None:
+        x0, y0, x1, y1 = [float(v) for v in pair.src_bbox]
+    elif pair.src_tf is not None:
+        x0, y0, x1, y1 = pair.src_tf.content_box
+    else:
+        return float("nan")
+    return float(max(x1 - x0, y1 - y0))
+
+
 # ----------------------------------------------------------------------------------------------
 # the batch stream
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +380,8 @@ class BatchStream(torch.utils.data.Dataset):
             src = torch.stack([self.source.image(int(i)) for i in idx[:, 0]])
             trg = torch.stack([self.source.image(int(j)) for j in idx[:, 1]])
             return {"src": src, "trg": trg, "index": idx}
-        return self._pair_batch(idx)
+        make = getattr(self.source, "make_batch", None)  # a pair source that assembles its own batches
+        return make(idx) if make is not None else self._pair_batch(idx)
 
     def _pair_batch(self, idx: torch.Tensor) -> dict:
         ds = self.source.dataset
@@ -378,13 +395,21 @@ class BatchStream(torch.utils.data.Dataset):
         src_kps = torch.full((b, K, 2), float("nan"))
         trg_kps = torch.full((b, K, 2), float("nan"))
         valid = torch.zeros(b, K, dtype=torch.bool)
+        flip_perm = torch.full((b, K), -1, dtype=torch.int64)
         for n, p in enumerate(pairs):
             k = p.src_kps.shape[0]
             src_kps[n, :k], trg_kps[n, :k], valid[n, :k] = p.src_kps, p.trg_kps, p.valid
+            if p.flip_perm is not None:
+                flip_perm[n] = torch.arange(K)
+                flip_perm[n, :k] = p.flip_perm
+        thr_kind = getattr(ds, "thr_kind", "bbox")
         return {"src": torch.stack([p.src_image for p in pairs]).float(),
                 "trg": torch.stack([p.trg_image for p in pairs]).float(),
                 "src_kps": src_kps, "trg_kps": trg_kps, "valid": valid,
                 "thr": torch.tensor([float(p.thr) for p in pairs], dtype=torch.float32),
+                "src_thr": torch.tensor([source_thr(p, thr_kind) for p in pairs], dtype=torch.float32),
+                "flip_perm": flip_perm, "src_name": [p.src_name for p in pairs],
+                "trg_name": [p.trg_name for p in pairs],
                 "category": [p.category for p in pairs], "pair_id": [p.pair_id for p in pairs], "index": idx}
 
     def iterate(self, start: int, stop: int, num_workers: int = 0) -> Iterator[tuple[int, dict]]:
