@@ -436,6 +436,20 @@ def test_tiny_config_trains_through_the_trainer(fake_spair, tmp_path):
         assert c.backbone_args["mode"] == "raw" and c.train.batch_size == 1
 
 
+def test_features_source_gives_the_same_losses_as_image_pairs(fake_spair, tmp_path):
+    """data.source = "features" (pairs read from the feature cache) trains exactly like image pairs."""
+    base = [f"data.root={fake_spair}", "eval.every=0", "eval.at_end=false", "train.steps=3", "train.log_every=1",
+            "train.progress=false"]
+    path = os.path.join(ROOT, "configs", "geoaware", "geoaware_dinov2_vitb14_tiny.toml")
+    a = train(load_config(path, base + [f"train.out_dir={tmp_path / 'a'}", f"method_args.feature_cache={tmp_path / 'c1'}"]))
+    b = train(load_config(path, base + [f"train.out_dir={tmp_path / 'b'}", "data.source=features",
+                                        f"data.cache={tmp_path / 'c2'}"]))
+    assert [r["step"] for r in b.logs] == [1, 2, 3]
+    for ra, rb in zip(a.logs, b.logs):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
+    assert any(f.endswith(".json") for f in os.listdir(tmp_path / "c2"))
+
+
 # ------------------------------------------------------------------------------------------------------
 # end to end: consistent synthetic pairs
 # ------------------------------------------------------------------------------------------------------

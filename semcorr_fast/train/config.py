@@ -128,7 +128,8 @@ SCHEMA: dict[str, Any] = {
     "backbone_args": (_table, {}),
     "method_args": (_table, {}),
     "data": {
-        "source": (_choice("photos", "folder", "pairs"), "photos"),
+        "source": (_choice("photos", "folder", "pairs", "features"), "photos"),
+        "cache": (_optional(_str), None),   # source = "features": the feature-cache directory (filled if missing)
         "root": (_optional(_str), None),
         "n_images": (_int(1), 1000),
         "image_size": (_optional(_size), None),
@@ -283,7 +284,9 @@ def _cross_checks(c: dict) -> None:
     d, t, e = c["data"], c["train"], c["eval"]
     if d["source"] == "folder" and not d["root"]:
         raise ConfigError("data.root is required with data.source = 'folder' (a directory of training images)")
-    if d["source"] == "pairs":
+    if d["source"] == "features" and not d["cache"]:
+        raise ConfigError("data.cache is required with data.source = 'features' (a feature-cache directory)")
+    if d["source"] in ("pairs", "features"):
         if not d["dataset"]:
             raise ConfigError("data.dataset is required with data.source = 'pairs' (a semcorr_fast.data name)")
     if t["out_dir"] is None:

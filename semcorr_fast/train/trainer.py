@@ -118,17 +118,28 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def build_source(config: TrainConfig, canvas):
-    """The training source of ``config.data`` for a backbone ``canvas`` (see :mod:`.data`)."""
+def build_source(config: TrainConfig, canvas, backbone=None):
+    """The training source of ``config.data`` for a backbone ``canvas`` (see :mod:`.data`).
+
+    ``source = "features"``: the dataset's pairs with their (original and flipped) features read from the
+    feature cache ``data.cache`` (filled from ``backbone`` where missing; GeoAware-SC trains this way).
+    """
     d = config.data
-    if d.source == "pairs":
+    if d.source in ("pairs", "features"):
         from ..data import build_dataset
 
         kw = {k: d[k] for k in ("root", "split", "pairs", "n_pairs") if d[k] is not None}
         cls = _dataset_class(d.dataset)
         if cls is not None and _accepts(cls.__init__, "canvas"):
             kw["canvas"] = canvas
-        return DatasetPairs(build_dataset(d.dataset, **kw))
+        ds = build_dataset(d.dataset, **kw)
+        if d.source == "pairs":
+            return DatasetPairs(ds)
+        if backbone is None:
+            raise ValueError("build_source: data.source = 'features' needs the backbone (to fill the cache)")
+        from ..methods.feature_pairs import build_feature_source
+        index = os.path.join(d.cache, f"index-{d.dataset}-{d.split or 'default'}.json")
+        return build_feature_source(ds, backbone, d.cache, index_path=index, progress=config.train.progress)
     size = training_size(canvas, d.image_size)
     resample = getattr(canvas, "resample", "bilinear")
     resample = resample if resample in ("bilinear", "bicubic", "lanczos", "nearest") else "bilinear"
@@ -411,7 +422,7 @@ def _train(config, dist, rank, world, local, out_dir, resume, stop_after):
     _seed_all(t.seed)
     backbone = build_backbone(config, device)
     method = _build_method(config, backbone).to(device)
-    source = build_source(config, backbone.canvas)
+    source = build_source(config, backbone.canvas, backbone)
     stream = _make_stream(config, method, backbone, source, rank, world, device)
     params = method.trainable_parameters()
     has_params = any(p.requires_grad for g in params for p in (g["params"] if isinstance(g, dict) else [g]))
