@@ -15,6 +15,18 @@ Forward / backward pairs (the backward recomputes tiles from the saved lse, flas
 * ``window_soft_argmax_bwd(grad_out, src, tgt, out, lse, center, tau, H, W, radius, zero_outside,
   normalize) -> (dsrc, dtgt)``
 
+Training losses (same forward / recompute-backward scheme; ``expected_cost``, ``softmax_aggregate``,
+``rowsoftmax_distill`` modules):
+
+* ``expected_cost_fwd(src, tgt, target_xy, tau, H, W, p, normalize) -> (loss (B,Ns), lse (B,Ns))``
+* ``expected_cost_bwd(grad, src, tgt, target_xy, loss, lse, tau, H, W, p, normalize) -> (dsrc, dtgt)``
+* ``softmax_aggregate_fwd(src, tgt, values, tau, normalize) -> (out (B,Ns,Cv), lse (B,Ns))``
+* ``softmax_aggregate_bwd(grad, src, tgt, values, out, lse, tau, normalize) -> (dsrc, dtgt, dvalues)``
+* ``rowsoftmax_distill_fwd(t_src, t_tgt, s_src, s_tgt, tau_t, tau_s, loss_code, normalize)
+  -> (loss (B,Ns), stats (B,Ns,3) = [LSE_T, LSE_S, c])`` (loss_code 0 ce, 1 mse, 2 l1)
+* ``rowsoftmax_distill_bwd(grad, t_src, t_tgt, s_src, s_tgt, stats, tau_t, tau_s, loss_code, normalize)
+  -> (ds_src, ds_tgt)`` (student only)
+
 Selection (no gradient):
 
 * ``match_topk(src, tgt, k, tgt_mask, normalize) -> (values (B,Ns,k) fp32, indices (B,Ns,k) int64)``
@@ -30,12 +42,17 @@ Layout: ``_stream`` (the shared streaming tile loop, norms, normalisation backwa
 (the static block-size table), one module per op family, ``aot`` (ahead-of-time compile and checks,
 ``python -m semcorr_fast.kernels.aot --compile sm_80,sm_90``).
 """
+from .expected_cost import expected_cost_bwd, expected_cost_fwd
 from .ncc import ncc, softmax_t
+from .rowsoftmax_distill import rowsoftmax_distill_bwd, rowsoftmax_distill_fwd
 from .soft_argmax import soft_argmax_bwd, soft_argmax_fwd
+from .softmax_aggregate import softmax_aggregate_bwd, softmax_aggregate_fwd
 from .topk import instance_matching_distance, match_topk, mutual_nn
 from .window_soft_argmax import window_soft_argmax_bwd, window_soft_argmax_fwd
 
 __all__ = [
     "soft_argmax_fwd", "soft_argmax_bwd", "window_soft_argmax_fwd", "window_soft_argmax_bwd",
     "match_topk", "mutual_nn", "instance_matching_distance", "ncc", "softmax_t",
+    "expected_cost_fwd", "expected_cost_bwd", "softmax_aggregate_fwd", "softmax_aggregate_bwd",
+    "rowsoftmax_distill_fwd", "rowsoftmax_distill_bwd",
 ]

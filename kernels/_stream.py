@@ -23,12 +23,13 @@ accumulation), and ``to_dtype`` rounds to bf16 with integer arithmetic. Compiled
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._config import SUPPORTED_DTYPES, interpreting, row_blocks, row_launch
+from ._config import SUPPORTED_DTYPES, TileConfig, interpreting, is_16bit, row_blocks, row_launch, tile_config
 
 # Inside the kernels the constants appear as literals (Triton reads module globals only when they
 # are tl.constexpr): eps = 1e-12, log2(e) = 1.4426950408889634, ln(2) = 0.6931471805599453, and
@@ -124,6 +125,49 @@ def first_max(sc, valid, offs, AXIS: tl.constexpr):
     return mx, idx
 
 
+@triton.jit
+def feature_grads_from_ds(ds, s, q_ptr, k_ptr, qn_ptr, kn_ptr, dq_ptr, dk_ptr, qdot_ptr, kdot_ptr,
+                          offs_m, offs_n, M, N, C,
+                          NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_C: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
+    """Backward tile GEMMs shared by the loss kernels: from a ``(BLOCK_M, BLOCK_N)`` fp32 tile
+    ``ds = dL/ds`` (0 at out-of-range entries) and its similarity tile ``s``, add with fp32 atomics
+
+      dq[offs_m] += ds @ y_hat[offs_n]   and   dk[offs_n] += ds^T @ x_hat[offs_m]
+
+    over BLOCK_C channel chunks (x_hat = x * r when NORMALIZE, the raw rows otherwise), and, when
+    NORMALIZE, qdot[offs_m] += sum_v ds*s and kdot[offs_n] += sum_u ds*s for ``finalize_grad``.
+    All pointers point at the current batch item. Same recipe as ``soft_argmax``'s backward: ds is
+    rounded once to the feature dtype for the tensor-core GEMMs, the dots use that rounded ds, and the
+    1/||.|| factors go onto the operand chunks (fp16 caveat: |ds| must stay below 65504).
+    """
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    ds16 = to_dtype(ds, q_ptr.dtype.element_ty, EMU_BF16)
+    ds16_t = tl.trans(ds16)
+    if NORMALIZE:
+        rv = 1.0 / tl.maximum(tl.load(kn_ptr + offs_n, mask=n_ok, other=1.0), 1e-12)
+        ru = 1.0 / tl.maximum(tl.load(qn_ptr + offs_m, mask=m_ok, other=1.0), 1e-12)
+        dss = ds16.to(tl.float32) * s
+        tl.atomic_add(qdot_ptr + offs_m, tl.sum(dss, axis=1), mask=m_ok, sem="relaxed")
+        tl.atomic_add(kdot_ptr + offs_n, tl.sum(dss, axis=0), mask=n_ok, sem="relaxed")
+    offs_c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        c_ok = cc < C
+        kc = tl.load(k_ptr + offs_n[:, None] * C + cc[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        qc = tl.load(q_ptr + offs_m[:, None] * C + cc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        if NORMALIZE:
+            kc = to_dtype(kc.to(tl.float32) * rv[:, None], q_ptr.dtype.element_ty, EMU_BF16)
+            qc = to_dtype(qc.to(tl.float32) * ru[:, None], q_ptr.dtype.element_ty, EMU_BF16)
+        dq_c = mma(ds16, kc, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), PREC, EMU_BF16)
+        tl.atomic_add(dq_ptr + offs_m[:, None] * C + cc[None, :], dq_c,
+                      mask=m_ok[:, None] & c_ok[None, :], sem="relaxed")
+        dk_c = mma(ds16_t, qc, tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32), PREC, EMU_BF16)
+        tl.atomic_add(dk_ptr + offs_n[:, None] * C + cc[None, :], dk_c,
+                      mask=n_ok[:, None] & c_ok[None, :], sem="relaxed")
+
+
 # --------------------------------------------------------------------------------------------
 # row norms and the normalisation backward
 # --------------------------------------------------------------------------------------------
@@ -199,6 +243,48 @@ def check_features(src: torch.Tensor, tgt: torch.Tensor, op: str) -> tuple[int, 
     return B, Ns, Nt, C
 
 
+# Interpreter tile of the training-loss kernels (expected_cost, softmax_aggregate, rowsoftmax_distill).
+# Larger than _config's interpreter tile: the interpreter's cost is per program and per tile, not per
+# element, and the loss tests' shapes (up to Ns = 150, Nt = 323, C = 33) still cross several row
+# tiles, target tiles and 16-channel chunks with it.
+INTERP_LOSS_TILE = TileConfig(64, 64, 16, 4, 1)
+
+
+@dataclass(frozen=True)
+class LossTile(TileConfig):
+    """A tile of a loss kernel's own table (those that ``_config``'s families do not fit), with an
+    optional register cap: left alone, ptxas caps some fp32 FMA-dot kernels at 128 registers for
+    occupancy and spills; an explicit ``maxnreg`` lets them allocate what they need."""
+    maxnreg: int | None = None
+
+    def launch(self) -> dict:
+        opts = super().launch()
+        if opts and self.maxnreg:
+            opts["maxnreg"] = self.maxnreg
+        return opts
+
+    def label(self) -> str:
+        return super().label() + (f"-r{self.maxnreg}" if self.maxnreg else "")
+
+
+def loss_tile_config(family: str, dtype: torch.dtype, C: int) -> TileConfig:
+    """``_config.tile_config`` of a family on GPUs; ``INTERP_LOSS_TILE`` under the interpreter."""
+    return INTERP_LOSS_TILE if interpreting() else tile_config(family, dtype, C)
+
+
+def table_tile(entry: tuple, dtype: torch.dtype) -> TileConfig:
+    """The tile of a loss table ``entry = (16-bit tile args, fp32 tile args)`` for ``dtype``
+    (``INTERP_LOSS_TILE`` under the interpreter)."""
+    if interpreting():
+        return INTERP_LOSS_TILE
+    return LossTile(*entry[0 if is_16bit(dtype) else 1])
+
+
+def table_tiles(entry: tuple) -> list[tuple[str, TileConfig]]:
+    """Every (dtype-name, tile) of a loss table entry, for ``aot.py``."""
+    return [(dname, LossTile(*entry[idx])) for dname, idx in (("fp16", 0), ("bf16", 0), ("fp32", 1))]
+
+
 def emulate_bf16(dtype: torch.dtype) -> bool:
     """EMU_BF16 for kernels on ``dtype`` data: bf16 under the interpreter (see module docstring)."""
     return interpreting() and dtype == torch.bfloat16
@@ -215,6 +301,45 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     with device_guard(x):
         _row_norm_kernel[(triton.cdiv(R, br),)](x, out, R, C, BLOCK_R=br, BLOCK_C=bc, **row_launch())
     return out
+
+
+class FeatureGrads:
+    """fp32 accumulators of one (src, tgt) feature pair for ``feature_grads_from_ds`` kernels.
+
+    ``dq (B, Ns, C)``, ``dk (B, Nt, C)``, ``qdot (B, Ns)``, ``kdot (B, Nt)`` start at zero; ``qn``/``kn``
+    are the fp32 row norms when ``normalize`` (else the dot buffers stand in as unused pointers, so
+    ``features()`` always yields 4 valid tensors). ``finish()`` applies the normalisation backward and
+    returns ``(dsrc, dtgt)`` in the dtypes of src/tgt.
+    """
+
+    def __init__(self, src: torch.Tensor, tgt: torch.Tensor, normalize: bool):
+        dev = src.device
+        self.src, self.tgt, self.normalize = src, tgt, bool(normalize)
+        B, Ns, C = src.shape
+        Nt = tgt.shape[1]
+        self.dq = torch.zeros((B, Ns, C), device=dev, dtype=torch.float32)
+        self.dk = torch.zeros((B, Nt, C), device=dev, dtype=torch.float32)
+        self.qdot = torch.zeros((B, Ns), device=dev, dtype=torch.float32)
+        self.kdot = torch.zeros((B, Nt), device=dev, dtype=torch.float32)
+        empty = src.numel() == 0 or tgt.numel() == 0
+        self.qn = row_norms(src) if (self.normalize and not empty) else None
+        self.kn = row_norms(tgt) if (self.normalize and not empty) else None
+
+    def features(self) -> tuple:
+        """(q, k, qn, kn): the feature and norm pointers of ``feature_grads_from_ds``."""
+        qn = self.qn if self.qn is not None else self.qdot
+        kn = self.kn if self.kn is not None else self.kdot
+        return (self.src, self.tgt, qn, kn)
+
+    def accumulators(self) -> tuple:
+        """(dq, dk, qdot, kdot): the fp32 outputs of ``feature_grads_from_ds``."""
+        return (self.dq, self.dk, self.qdot, self.kdot)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.src.numel() == 0 or self.tgt.numel() == 0:
+            return self.dq.to(self.src.dtype), self.dk.to(self.tgt.dtype)
+        return (finalize_grad(self.dq, self.src, self.qn, self.qdot, self.normalize),
+                finalize_grad(self.dk, self.tgt, self.kn, self.kdot, self.normalize))
 
 
 def finalize_grad(acc: torch.Tensor, x: torch.Tensor, norms: torch.Tensor | None, dot: torch.Tensor | None,

@@ -20,8 +20,11 @@ expected to have none.
 Kernel variants: configurations (block sizes, warps, stages) are enumerated exhaustively from
 ``_config``; epilogue flags are compiled at their heaviest setting (cosine normalisation on, masks
 on, column reduction on, "zero" window mode), since they add code and registers but no shared memory.
-Pointers are declared 16-byte aligned and C divisible by 16, as Triton's JIT specialises them for
-torch allocations and C in {768, 1024, 3968, ...}.
+The loss kernels are the exception: each expected_cost distance variant (POW) and each distill loss
+code is its own entry, since ptxas allocates registers differently per variant; kernels of family
+``table`` (softmax_aggregate's forward, distill's forward passes) take their tiles from their module's
+``aot_tiles``. Pointers are declared 16-byte aligned and channel counts (C, Cv, Ct, Cs) divisible by
+16, as Triton's JIT specialises them for torch allocations and C in {768, 1024, 3968, ...}.
 
 Compilation runs in worker subprocesses with ``TRITON_INTERPRET`` unset (the kernels must be
 ``JITFunction``s, not the interpreter's wrappers), ``--jobs`` of them at once.
@@ -49,6 +52,14 @@ _PKG = _MODULE.rsplit(".", 1)[0]
 # kernel registry: argument types (T = the feature dtype), heaviest epilogue flags, config source
 # --------------------------------------------------------------------------------------------
 _FEAT2 = [("q_ptr", "*T"), ("k_ptr", "*T"), ("qn_ptr", "*fp32"), ("kn_ptr", "*fp32")]
+# teacher then student feature pairs of rowsoftmax_distill
+_DISTILL = [("tq_ptr", "*T"), ("tk_ptr", "*T"), ("tqn_ptr", "*fp32"), ("tkn_ptr", "*fp32"),
+            ("sq_ptr", "*T"), ("sk_ptr", "*T"), ("sqn_ptr", "*fp32"), ("skn_ptr", "*fp32")]
+# expected_cost's distance variants (POW: 0 any p, 1 p = 1, 2 p = 2) and distill's loss codes
+_POW_VARIANTS = (("", 0), ("_p1", 1), ("_p2", 2))
+_DISTILL_LOSSES = ("ce", "mse", "l1")
+# channel counts: specialised as divisible by 16, as Triton's JIT does for C in {768, 1024, 3968, ...}
+_CHANNEL_ARGS = ("C", "L", "CV", "CT", "CS")
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,9 @@ class KernelSpec:
     attr: str
     args: list
     flags: dict = field(default_factory=dict)
-    family: str = "score"       # score | bwd | topk | window | row | softmax
+    family: str = "score"       # score | bwd | topk | window | row | softmax | table
     gemm: bool = True           # a tl.dot tile kernel (tensor cores expected for 16-bit / tf32)
+    value_operand: bool = False  # also a P @ V operand of dtype T (PREC_V / EMU_BF16_V mirror PREC / EMU_BF16)
 
 
 KERNELS = [
@@ -99,6 +111,42 @@ KERNELS = [
                          ("M", "i32"), ("N", "i32"), ("C", "i32"), ("H", "i32"), ("W", "i32"),
                          ("radius", "i32"), ("wmax", "i32"), ("scale2", "fp32"), ("inv_tau", "fp32")],
                {"NORMALIZE": True}, family="window", gemm=False),
+    # training losses (expected_cost, softmax_aggregate, rowsoftmax_distill), one entry per epilogue
+    # variant: the variants change the code enough that ptxas allocates registers differently.
+    *[KernelSpec(f"expected_cost_fwd{sfx}", "expected_cost", "_expected_cost_fwd_kernel",
+                 _FEAT2 + [("t_ptr", "*fp32"), ("loss_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("M", "i32"),
+                           ("N", "i32"), ("C", "i32"), ("W", "i32"), ("scale2", "fp32"), ("half_p", "fp32")],
+                 {"POW": pw, "NORMALIZE": True}) for sfx, pw in _POW_VARIANTS],
+    *[KernelSpec(f"expected_cost_bwd{sfx}", "expected_cost", "_expected_cost_bwd_kernel",
+                 _FEAT2 + [("t_ptr", "*fp32"), ("go_ptr", "*fp32"), ("loss_ptr", "*fp32"), ("lse_ptr", "*fp32"),
+                           ("dq_ptr", "*fp32"), ("dk_ptr", "*fp32"), ("qdot_ptr", "*fp32"), ("kdot_ptr", "*fp32"),
+                           ("M", "i32"), ("N", "i32"), ("C", "i32"), ("W", "i32"), ("scale2", "fp32"),
+                           ("inv_tau", "fp32"), ("half_p", "fp32")],
+                 {"POW": pw, "NORMALIZE": True}, family="bwd") for sfx, pw in _POW_VARIANTS],
+    KernelSpec("aggregate_fwd", "softmax_aggregate", "_aggregate_fwd_kernel",
+               _FEAT2 + [("v_ptr", "*T"), ("out_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("M", "i32"), ("N", "i32"),
+                         ("C", "i32"), ("CV", "i32"), ("scale2", "fp32")],
+               {"NORMALIZE": True}, family="table", value_operand=True),
+    KernelSpec("aggregate_bwd", "softmax_aggregate", "_aggregate_bwd_kernel",
+               _FEAT2 + [("v_ptr", "*T"), ("go_ptr", "*T"), ("d_ptr", "*fp32"), ("lse_ptr", "*fp32"),
+                         ("dq_ptr", "*fp32"), ("dk_ptr", "*fp32"), ("qdot_ptr", "*fp32"), ("kdot_ptr", "*fp32"),
+                         ("dv_ptr", "*fp32"), ("M", "i32"), ("N", "i32"), ("C", "i32"), ("CV", "i32"),
+                         ("scale2", "fp32"), ("inv_tau", "fp32")],
+               {"NORMALIZE": True}, family="bwd", value_operand=True),
+    *[KernelSpec(f"distill_fwd_{loss}", "rowsoftmax_distill", "_distill_fwd_kernel",
+                 _DISTILL + [("loss_ptr", "*fp32"), ("stats_ptr", "*fp32"), ("M", "i32"), ("N", "i32"),
+                             ("CT", "i32"), ("CS", "i32"), ("scale_t2", "fp32"), ("scale_s2", "fp32")],
+                 {"LOSS": code, "NORMALIZE": True}, family="table") for code, loss in enumerate(_DISTILL_LOSSES)],
+    KernelSpec("distill_l1_pass2", "rowsoftmax_distill", "_distill_l1_kernel",
+               _DISTILL + [("loss_ptr", "*fp32"), ("stats_ptr", "*fp32"), ("M", "i32"), ("N", "i32"),
+                           ("CT", "i32"), ("CS", "i32"), ("scale_t2", "fp32"), ("scale_s2", "fp32")],
+               {"NORMALIZE": True}, family="table"),
+    *[KernelSpec(f"distill_bwd_{loss}", "rowsoftmax_distill", "_distill_bwd_kernel",
+                 _DISTILL + [("go_ptr", "*fp32"), ("stats_ptr", "*fp32"), ("dq_ptr", "*fp32"), ("dk_ptr", "*fp32"),
+                             ("qdot_ptr", "*fp32"), ("kdot_ptr", "*fp32"), ("M", "i32"), ("N", "i32"),
+                             ("CT", "i32"), ("CS", "i32"), ("scale_t2", "fp32"), ("scale_s2", "fp32"),
+                             ("inv_tau_s", "fp32")],
+                 {"LOSS": code, "NORMALIZE": True}, family="bwd") for code, loss in enumerate(_DISTILL_LOSSES)],
     KernelSpec("row_norm", "_stream", "_row_norm_kernel",
                [("x_ptr", "*T"), ("n_ptr", "*fp32"), ("R", "i32"), ("C", "i32")],
                family="row", gemm=False),
@@ -144,6 +192,15 @@ def jobs_for(kernel: KernelSpec, targets) -> list[dict]:
                     const["KP"] = bound
                     label += f"-KP{bound}"
                 variants.append((dname, prec, const, tc.num_warps, tc.num_stages, label, None))
+    elif kernel.family == "table":  # a loss kernel with its own tile table, enumerated by its module
+        mod = importlib.import_module(f"{_PKG}.{kernel.module}")
+        for dname, tc, extra in mod.aot_tiles(kernel.attr):
+            precs = ("ieee", "tf32") if dname == "fp32" else ("ieee",)
+            for prec in precs:
+                const = dict(tc.meta(), **extra, PREC=prec, EMU_BF16=False)
+                label = tc.label() + "".join(f"-{k.replace('BLOCK_', '')}{v}" for k, v in extra.items())
+                variants.append((dname, prec, const, tc.num_warps, tc.num_stages, label,
+                                 getattr(tc, "maxnreg", None)))
     elif kernel.family == "window":
         for wc in cfgmod.all_window_configs(backward=kernel.name == "window_bwd"):
             for dname in _DTYPES:
@@ -158,6 +215,9 @@ def jobs_for(kernel: KernelSpec, targets) -> list[dict]:
             bl = cfgmod.SOFTMAX_BLOCK
             variants.append((dname, "-", {"BLOCK": bl}, cfgmod.ROW_NUM_WARPS, cfgmod.ROW_NUM_STAGES,
                              f"B{bl}-w{cfgmod.ROW_NUM_WARPS}", None))
+    if kernel.value_operand:  # values share the features' dtype T, hence their precision
+        for v in variants:
+            v[2].update(PREC_V=v[2]["PREC"], EMU_BF16_V=False)
     jobs = []
     for target in targets:
         for dname, prec, const, nw, ns, label, maxnreg in variants:
@@ -210,7 +270,7 @@ def compile_one(job: dict) -> dict:
         for name, ty in spec.args:
             ty = ty.replace("T", job["dtype"])
             signature[name] = ty
-            if ty.startswith("*") or name in ("C", "L"):
+            if ty.startswith("*") or name in _CHANNEL_ARGS:
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
         for name in job["constexprs"]:
             signature[name] = "constexpr"

@@ -492,12 +492,14 @@ def test_no_ns_by_nt_matrix_forward_and_backward():
 LOSS_SHAPES = SHAPES[:4] + [(2, 150, (17, 19), 12)]
 
 
-def skip_loss(backend, dtype, fn):
+def skip_loss(backend, dtype, fn, si=0):
     skip_unsupported(backend, dtype)
     if backend == "triton":
         import semcorr_fast.kernels as k
         if not hasattr(k, fn):
             pytest.skip(f"the Triton backend has no {fn} yet")
+        if si >= len(TRITON_SHAPES) and not torch.cuda.is_available():
+            pytest.skip("the interpreter runs the Triton loss kernels on the small shapes only (CI time)")
 
 
 def make_target(shape, device, seed=11, dtype=torch.float32):
@@ -512,7 +514,7 @@ def make_target(shape, device, seed=11, dtype=torch.float32):
 @pytest.mark.parametrize("si", range(len(LOSS_SHAPES)))
 @pytest.mark.parametrize("p", [1.0, 0.5, 2.0])
 def test_expected_cost_values_and_grads(backend, device, dtype, si, p, small_tiles):
-    skip_loss(backend, dtype, "expected_cost_fwd")
+    skip_loss(backend, dtype, "expected_cost_fwd", si)
     shape = LOSS_SHAPES[si]
     src, tgt = make(shape, dtype, device, seed=12)
     t = make_target(shape, device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -532,7 +534,7 @@ def test_expected_cost_values_and_grads(backend, device, dtype, si, p, small_til
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("si", range(len(LOSS_SHAPES)))
 def test_softmax_aggregate_values_and_grads(backend, device, dtype, si, small_tiles):
-    skip_loss(backend, dtype, "softmax_aggregate_fwd")
+    skip_loss(backend, dtype, "softmax_aggregate_fwd", si)
     shape = LOSS_SHAPES[si]
     src, tgt = make(shape, dtype, device, seed=13)
     vals = make((shape[0], shape[1], shape[2], 5), dtype, device, seed=14)[1]
@@ -557,7 +559,7 @@ def test_softmax_aggregate_values_and_grads(backend, device, dtype, si, small_ti
 @pytest.mark.parametrize("si", range(len(LOSS_SHAPES)))
 @pytest.mark.parametrize("loss", ["ce", "mse", "l1"])
 def test_rowsoftmax_distill_values_and_grads(backend, device, dtype, si, loss, small_tiles):
-    skip_loss(backend, dtype, "rowsoftmax_distill_fwd")
+    skip_loss(backend, dtype, "rowsoftmax_distill_fwd", si)
     B, Ns, hw, C = LOSS_SHAPES[si]
     s_src, s_tgt = make((B, Ns, hw, C), dtype, device, seed=16)
     t_src, t_tgt = make((B, Ns, hw, C + 7), dtype, device, seed=17)  # teacher has other channels
