@@ -69,12 +69,16 @@ def _build_eval(args):
         if args.n_pairs:
             kw["n_pairs"] = args.n_pairs
     ds = build_dataset(args.dataset, **kw)
-    bkw = {}
-    if args.weights:
-        bkw["weights"] = args.weights
-    if args.random_init:
-        bkw["pretrained"] = False
-    backbone = create_backbone(args.backbone, device=args.device, **bkw).eval()
+    if args.checkpoint:  # a trained method (semcorr train) stands in for the backbone
+        from .train.trainer import load_trained
+        backbone = load_trained(args.checkpoint, device=args.device)
+    else:
+        bkw = {}
+        if args.weights:
+            bkw["weights"] = args.weights
+        if args.random_init:
+            bkw["pretrained"] = False
+        backbone = create_backbone(args.backbone, device=args.device, **bkw).eval()
     overrides = {}
     if args.radius is not None:
         overrides["radius"] = args.radius
@@ -180,6 +184,7 @@ def main(argv=None) -> int:
     e.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     e.add_argument("--backbone", default="daisy", help="a name from semcorr_fast.backbones.list_backbones()")
     e.add_argument("--weights", help="local weights file or directory")
+    e.add_argument("--checkpoint", help="evaluate a trained method (a last.pt/best.pt of semcorr train) instead of --backbone")
     e.add_argument("--random-init", action="store_true", help="random-init backbone (for testing the pipeline)")
     e.add_argument("--matcher", default="geoaware", help="matcher preset (semcorr_fast.matching.PRESETS)")
     e.add_argument("--radius", type=int, help="window radius override")

@@ -194,3 +194,20 @@ def test_pair_aware_model_frames_roundtrip():
     torch.testing.assert_close(rec.pred, kps)
     with pytest.raises(ValueError, match="pair-aware"):
         evaluate.evaluate_pair(_pair(img, kps), FeatureSource(Echo(Canvas.pad_square(96))), "argmax", pose="code")
+
+
+def test_cli_eval_of_a_trained_checkpoint(tmp_path):
+    from semcorr_fast.train import load_config, train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "demystifying", "eq_smallcnn.toml"),
+                      ["train.steps=1", "train.ckpt_every=1", "data.n_images=4",
+                       "eval.every=0", "eval.at_end=false", "eval.at_start=false", "train.progress=false",
+                       f"train.out_dir={tmp_path / 'run'}"])
+    train(cfg)
+    out = tmp_path / "r.json"
+    r = _cli(["eval", "--dataset", "warps", "--n-pairs", "2", "--checkpoint", str(tmp_path / "run" / "last.pt"),
+              "--matcher", "demystifying", "--out", str(out), "--quiet"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(out.read_text())["info"]
+    assert info["backbone"].startswith("eq") and info["n_pairs"] == 2
