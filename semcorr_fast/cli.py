@@ -106,7 +106,8 @@ def _eval(args) -> int:
     try:
         ds, backbone, matcher, cache = _build_eval(args)
         res = evaluate.evaluate(ds, backbone, matcher, pose=args.pose, pose_score=args.pose_score, cache=cache,
-                                device=args.device, limit=args.limit, geo_dataset=args.geo, progress=not args.quiet)
+                                device=args.device, limit=args.limit, geo_dataset=args.geo, progress=not args.quiet,
+                                mask_dir=args.masks)
         if (dist.get_rank() if launched else 0) == 0:
             print(metrics.format_table(res.summary))
             print(f"{res.info['n_pairs']} pairs in {res.seconds:.1f} s on {res.info['world_size']} process(es)")
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
     e.add_argument("--grid", type=int, help="resample both maps to GRID x GRID before matching (Demystifying: 128)")
     e.add_argument("--pose", default="none", choices=["none", "code", "paper"], help="test-time pose alignment")
     e.add_argument("--pose-score", default="imd", choices=["imd", "mutual_nn"])
+    e.add_argument("--masks", help="instance masks for the pose IMD: DIR/<image stem>.png, nonzero = object "
+                                   "(e.g. SAM prompted by the GT box, as GeoAware-SC); default: the bbox")
     e.add_argument("--geo", help="also report the geometry-aware subset of this dataset's part groups (spair, ap10k)")
     e.add_argument("--cache", help="feature cache directory (safetensors; resumes)")
     e.add_argument("--device", default="cpu")

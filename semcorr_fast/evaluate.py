@@ -134,38 +134,71 @@ def _nan_list(t: Tensor) -> list:
     return [[None if math.isnan(v) else v for v in row] for row in t.tolist()]
 
 
-def _content_mask(frame, hw, box) -> Tensor:
-    """Cells of an (h, w) map over ``frame`` whose centre lies inside ``box`` (x0, y0, x1, y1)."""
+def _cell_centres(frame, hw) -> Tensor:
+    """(h·w, 2) canvas points (x, y) of the cell centres of an (h, w) map covering ``frame``, row-major."""
     x0, y0, x1, y1 = frame
     h, w = hw
     xs = x0 + (torch.arange(w) + 0.5) * (x1 - x0) / w
     ys = y0 + (torch.arange(h) + 0.5) * (y1 - y0) / h
-    bx0, by0, bx1, by1 = [float(v) for v in box]
-    return ((ys >= by0) & (ys <= by1))[:, None] & ((xs >= bx0) & (xs <= bx1))[None, :]
+    return torch.stack((xs.repeat(h), ys.repeat_interleave(w)), -1)
 
 
-def _object_box(pair: Pair, side: str):
-    """The source/target instance box used as the pose-alignment mask: the bbox, else the image content."""
+def _to_identity_pose(pts: Tensor, cand: str, canvas_hw) -> Tensor:
+    """Canvas points of a candidate pose's image → the same points on the original (identity) image."""
+    if cand == "identity":
+        return pts
+    H, W = canvas_hw
+    if cand == "flip":
+        return torch.stack((W - pts[:, 0], pts[:, 1]), -1)
+    k = int(cand[3:]) // 90 % 4
+    rot_hw = (W, H) if k % 2 else (H, W)
+    return matching.rotate_query(pts, (4 - k) % 4, rot_hw)
+
+
+def _object_region(pair: Pair, side: str, mask_dir: str | None):
+    """``inside(points (N, 2) canvas) -> (N,) bool``: the object of one image of a pair.
+
+    With ``mask_dir``, an instance mask ``<mask_dir>/<image stem>.png`` (nonzero = object, the original
+    image's size; GeoAware-SC's code uses SAM masks prompted by the GT box) is looked up through the
+    inverse canvas transform; without one (or when the file is absent), the bbox, else the image content.
+    """
+    name = pair.src_name if side == "src" else pair.trg_name
+    tf = pair.src_tf if side == "src" else pair.trg_tf
+    if mask_dir is not None and tf is not None:
+        path = os.path.join(mask_dir, os.path.splitext(os.path.basename(name))[0] + ".png")
+        if os.path.isfile(path):
+            import numpy as np
+            from PIL import Image
+            with Image.open(path) as im:
+                m = torch.from_numpy(np.asarray(im.convert("L")) > 0)
+            if tuple(m.shape) != tuple(tf.in_size):
+                raise ValueError(f"{path}: mask is {tuple(m.shape)} (H, W) but its image is {tuple(tf.in_size)}")
+
+            def inside_mask(pts):
+                o = tf.inverse_points(pts).floor().long()
+                ok = (o[:, 0] >= 0) & (o[:, 0] < m.shape[1]) & (o[:, 1] >= 0) & (o[:, 1] < m.shape[0])
+                out = torch.zeros(pts.shape[0], dtype=torch.bool)
+                out[ok] = m[o[ok, 1], o[ok, 0]]
+                return out
+            return inside_mask
     bbox = pair.src_bbox if side == "src" else pair.trg_bbox
     if bbox is not None:
-        return bbox
-    tf = pair.src_tf if side == "src" else pair.trg_tf
-    if tf is not None:
-        return tf.content_box
-    img = pair.src_image if side == "src" else pair.trg_image
-    return (0, 0, img.shape[-1], img.shape[-2])
+        box = [float(v) for v in bbox]
+    elif tf is not None:
+        box = list(tf.content_box)
+    else:
+        img = pair.src_image if side == "src" else pair.trg_image
+        box = [0.0, 0.0, float(img.shape[-1]), float(img.shape[-2])]
+
+    def inside_box(pts):
+        return (pts[:, 0] >= box[0]) & (pts[:, 0] <= box[2]) & (pts[:, 1] >= box[1]) & (pts[:, 1] <= box[3])
+    return inside_box
 
 
-def _candidate_box(box, cand: str, canvas_hw):
-    H, W = canvas_hw
-    x0, y0, x1, y1 = [float(v) for v in box]
-    corners = torch.tensor([[x0, y0], [x1, y1]])
-    if cand == "flip":
-        corners = torch.stack((W - corners[:, 0], corners[:, 1]), -1)
-    elif cand.startswith("rot"):
-        corners = matching.rotate_query(corners, int(cand[3:]) // 90, canvas_hw)
-    lo, hi = corners.min(0).values, corners.max(0).values
-    return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
+def _grid_mask(inside, frame, hw, cand="identity", canvas_hw=None) -> Tensor:
+    """(h, w) bool: cells of a candidate pose's map whose centre lies on the object."""
+    pts = _to_identity_pose(_cell_centres(frame, hw), cand, canvas_hw)
+    return inside(pts).reshape(hw)
 
 
 def _pair_aware_predict(model, pair: Pair, device) -> Tensor:
@@ -186,7 +219,7 @@ def _pair_aware_predict(model, pair: Pair, device) -> Tensor:
 
 
 def evaluate_pair(pair: Pair, feats: FeatureSource, matcher, *, pose: str = "none", pose_score: str = "imd",
-                  index: int = 0) -> PairRecord:
+                  index: int = 0, mask_dir: str | None = None) -> PairRecord:
     """Match one pair's keypoints (see :func:`evaluate` for ``pose``).
 
     A model with a ``match_points(src_images, trg_images, src_xy)`` method (a pair-aware matcher such as
@@ -219,9 +252,10 @@ def evaluate_pair(pair: Pair, feats: FeatureSource, matcher, *, pose: str = "non
             sfeats[c], sframes[c] = feats.get(img, f"{src_key}:{c}")
         tmask = None
         if pose_score == "imd":
+            s_in = _object_region(pair, "src", mask_dir)
             for c, f in sfeats.items():
-                smasks[c] = _content_mask(sframes[c], f.shape[1:], _candidate_box(_object_box(pair, "src"), c, (H, W)))
-            tmask = _content_mask(trg_frame, trg_feat.shape[1:], _object_box(pair, "trg"))
+                smasks[c] = _grid_mask(s_in, sframes[c], tuple(f.shape[1:]), c, (H, W))
+            tmask = _grid_mask(_object_region(pair, "trg", mask_dir), trg_frame, tuple(trg_feat.shape[1:]))
         pred, chosen, _ = matching.pose_align(sfeats, trg_feat, pair.src_kps, pair.valid, matcher, canvas_hw=(H, W),
                                               src_frames=sframes, trg_frame=trg_frame, flip_perm=pair.flip_perm,
                                               src_masks=smasks or None, trg_mask=tmask, score=pose_score)
@@ -273,7 +307,7 @@ def _dist():
 
 def evaluate(dataset: PairDataset, backbone, matcher="geoaware", *, pose: str = "none", pose_score: str = "imd",
              cache=None, device="cpu", limit: int | None = None, alphas=None, dagger: bool = True,
-             geo_dataset: str | None = None, progress: bool = True) -> EvalResult:
+             geo_dataset: str | None = None, progress: bool = True, mask_dir: str | None = None) -> EvalResult:
     """Evaluate a backbone + matcher on a dataset.
 
     Args:
@@ -282,7 +316,9 @@ def evaluate(dataset: PairDataset, backbone, matcher="geoaware", *, pose: str = 
         matcher: a :class:`~semcorr_fast.matching.Matcher` or a preset name.
         pose: "none"; "code" (identity vs flip, GeoAware-SC's released code); "paper" (also ±90°/180°
             rotations for bottles).
-        pose_score: "imd" (instance matching distance inside the instance boxes) or "mutual_nn".
+        pose_score: "imd" (instance matching distance inside the instance masks) or "mutual_nn".
+        mask_dir: instance masks for the IMD, one ``<image stem>.png`` per image (nonzero = object;
+            GeoAware-SC's code uses SAM prompted by the GT box); where absent, the bbox stands in.
         cache: a feature cache with ``has/get/put`` (``semcorr_fast.backbones.cache.FeatureCache``).
         limit: evaluate only the first ``limit`` pairs.
     Returns:
@@ -299,7 +335,8 @@ def evaluate(dataset: PairDataset, backbone, matcher="geoaware", *, pose: str = 
     t0 = time.perf_counter()
     records = []
     for i in tqdm(mine, disable=not progress or rank != 0, desc=f"eval {getattr(dataset, 'name', '')}"):
-        records.append(evaluate_pair(dataset[i], feats, matcher, pose=pose, pose_score=pose_score, index=i))
+        records.append(evaluate_pair(dataset[i], feats, matcher, pose=pose, pose_score=pose_score, index=i,
+                                     mask_dir=mask_dir))
     if dist is not None:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)

@@ -211,3 +211,29 @@ def test_cli_eval_of_a_trained_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(out.read_text())["info"]
     assert info["backbone"].startswith("eq") and info["n_pairs"] == 2
+
+
+def test_instance_masks_for_pose_alignment(tmp_path):
+    from PIL import Image
+
+    # a 40x60 (HxW) original image on an 80x80 padded canvas (scale 4/3, offset y = 13)
+    canvas = Canvas.pad_square(80)
+    tf = canvas.transform_for(40, 60)
+    m = torch.zeros(40, 60, dtype=torch.uint8)
+    m[:, :20] = 255                                          # the object: the left third
+    Image.fromarray(m.numpy()).save(tmp_path / "a.png")
+    img = torch.zeros(3, 80, 80)
+    p = Pair(img, img, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, dtype=torch.bool), 1.0, "cat", "p", "a.jpg",
+             "b.jpg", src_tf=tf, trg_tf=tf, src_bbox=torch.tensor([0.0, 0.0, 80.0, 80.0]))
+    frame, hw = (0.0, 0.0, 80.0, 80.0), (8, 8)                # 10-px cells
+    inside = evaluate._object_region(p, "src", str(tmp_path))
+    got = evaluate._grid_mask(inside, frame, hw)
+    xs = (torch.arange(8) + 0.5) * 10
+    ys = (torch.arange(8) + 0.5) * 10
+    want = ((xs / tf.sx) < 20)[None, :] & (((ys - tf.oy) / tf.sy >= 0) & ((ys - tf.oy) / tf.sy < 40))[:, None]
+    assert torch.equal(got, want) and got.any()
+    assert torch.equal(evaluate._grid_mask(inside, frame, hw, "flip", (80, 80)), want.flip(-1))
+    assert torch.equal(evaluate._grid_mask(inside, frame, hw, "rot90", (80, 80)), torch.rot90(want, 1, (0, 1)))
+    # no mask file and no bbox for the target: the image content (the canvas minus its padding) stands in
+    content = ((ys >= tf.oy) & (ys <= tf.oy + 40 * tf.sy))[:, None].expand(8, 8)
+    assert torch.equal(evaluate._grid_mask(evaluate._object_region(p, "trg", str(tmp_path)), frame, hw), content)
