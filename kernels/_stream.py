@@ -130,16 +130,19 @@ def feature_grads_from_ds(ds, s, q_ptr, k_ptr, qn_ptr, kn_ptr, dq_ptr, dk_ptr, q
                           offs_m, offs_n, M, N, C,
                           NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_C: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
-    """Backward tile GEMMs shared by the loss kernels: from a ``(BLOCK_M, BLOCK_N)`` fp32 tile
+    """Backward tile GEMMs shared by soft_argmax and the loss kernels: from a ``(BLOCK_M, BLOCK_N)`` fp32 tile
     ``ds = dL/ds`` (0 at out-of-range entries) and its similarity tile ``s``, add with fp32 atomics
 
       dq[offs_m] += ds @ y_hat[offs_n]   and   dk[offs_n] += ds^T @ x_hat[offs_m]
 
     over BLOCK_C channel chunks (x_hat = x * r when NORMALIZE, the raw rows otherwise), and, when
     NORMALIZE, qdot[offs_m] += sum_v ds*s and kdot[offs_n] += sum_u ds*s for ``finalize_grad``.
-    All pointers point at the current batch item. Same recipe as ``soft_argmax``'s backward: ds is
-    rounded once to the feature dtype for the tensor-core GEMMs, the dots use that rounded ds, and the
-    1/||.|| factors go onto the operand chunks (fp16 caveat: |ds| must stay below 65504).
+    All pointers point at the current batch item. ds is rounded once to the feature dtype for the
+    tensor-core GEMMs. The 1/||.|| factors go onto the operand chunks (unit-norm x_hat, y_hat are safe
+    in fp16) rather than into ds: a zero feature row has r = 1e12 and ds * r would overflow fp16
+    (inf * 0 = NaN); |ds| itself must stay below 65504. The dots <x_hat_u, d x_hat_u> use the very
+    rounded ds the GEMMs consume, so the projection in ``finalize_grad`` removes the component along
+    x_hat_u consistently (C = 1 cosines, whose true gradient is 0, stay 0 in 16-bit).
     """
     m_ok = offs_m < M
     n_ok = offs_n < N

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._config import dot_precision, tile_config
-from ._stream import (LOG2E, check_features, cosine_tile, device_guard, emulate_bf16, finalize_grad, grid_xy,
-                      mma, row_norms, to_dtype)
+from ._stream import (LOG2E, check_features, cosine_tile, device_guard, emulate_bf16, feature_grads_from_ds,
+                      finalize_grad, grid_xy, row_norms)
 
 
 @triton.jit
@@ -117,36 +117,9 @@ def _soft_argmax_bwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, go_ptr, out_ptr, lse_p
     ds = p * (gox[:, None] * gx[None, :] + goy[:, None] * gy[None, :] - d_row[:, None]) * inv_tau
     ds = tl.where(valid, ds, 0.0)
 
-    # ds is rounded once to the feature dtype for the two tensor-core GEMMs. The 1/||.|| factors
-    # go onto the operand chunks (unit-norm x_hat, y_hat are safe in fp16) rather than into ds:
-    # a zero feature row has r = 1e12, and ds * r would overflow fp16 (inf * 0 = NaN).
-    ds16 = to_dtype(ds, q_ptr.dtype.element_ty, EMU_BF16)
-    ds16_t = tl.trans(ds16)
-    if NORMALIZE:
-        rv = 1.0 / tl.maximum(tl.load(kn_ptr + offs_n, mask=n_ok, other=1.0), 1e-12)
-        ru = 1.0 / tl.maximum(tl.load(qn_ptr + offs_m, mask=m_ok, other=1.0), 1e-12)
-        # <x_hat_u, d x_hat_u> = sum_v ds_uv s_uv (and per column) for finalize_grad, from the very
-        # rounded ds the GEMMs consume, so that the projection removes the component along x_hat_u
-        # consistently (C = 1 cosines, whose true gradient is 0, stay 0 in 16-bit).
-        dss = ds16.to(tl.float32) * s
-        tl.atomic_add(qdot_ptr + offs_m, tl.sum(dss, axis=1), mask=m_ok, sem="relaxed")
-        tl.atomic_add(kdot_ptr + offs_n, tl.sum(dss, axis=0), mask=n_ok, sem="relaxed")
+    feature_grads_from_ds(ds, s, q_ptr, k_ptr, qn_ptr, kn_ptr, dq_ptr, dk_ptr, qdot_ptr, kdot_ptr,
+                          offs_m, offs_n, M, N, C, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_C, PREC, EMU_BF16)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + offs_c
-        c_ok = cc < C
-        kc = tl.load(k_ptr + offs_n[:, None] * C + cc[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-        qc = tl.load(q_ptr + offs_m[:, None] * C + cc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        if NORMALIZE:
-            kc = to_dtype(kc.to(tl.float32) * rv[:, None], q_ptr.dtype.element_ty, EMU_BF16)
-            qc = to_dtype(qc.to(tl.float32) * ru[:, None], q_ptr.dtype.element_ty, EMU_BF16)
-        dq_c = mma(ds16, kc, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), PREC, EMU_BF16)
-        tl.atomic_add(dq_ptr + offs_m[:, None] * C + cc[None, :], dq_c,
-                      mask=m_ok[:, None] & c_ok[None, :], sem="relaxed")
-        dk_c = mma(ds16_t, qc, tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32), PREC, EMU_BF16)
-        tl.atomic_add(dk_ptr + offs_n[:, None] * C + cc[None, :], dk_c,
-                      mask=n_ok[:, None] & c_ok[None, :], sem="relaxed")
 
 def soft_argmax_fwd(src: torch.Tensor, tgt: torch.Tensor, tau: float, H: int, W: int,
                     normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
