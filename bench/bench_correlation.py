@@ -43,6 +43,24 @@ def test_soft_argmax_60(benchmark, dt, impl):
         _run(benchmark, fn)
 
 
+@pytest.mark.parametrize("impl", ["fused_C768", "fused_C32_epilogue", "fused_topk_C768", "mm_floor_C768"])
+def test_soft_argmax_bf16_budget(benchmark, impl):
+    """Where the bf16 time goes: the fused op at C = 768; the same op at C = 32 (its GEMM ~24× smaller,
+    so what remains is the softmax epilogue over the 13 M scores); the streamed GEMM with the cheap top-1
+    epilogue; bare torch.mm at C = 768 (the floor)."""
+    benchmark.group = "soft_argmax 60x60 bf16: epilogue and GEMM budget"
+    c = 32 if "C32" in impl else C
+    s, t = _feats(torch.bfloat16, 0, c=c), _feats(torch.bfloat16, 1, c=c)
+    fn = {
+        "fused_C768": lambda: ops.soft_argmax(s, t, TAU, HW, backend="cpu"),
+        "fused_C32_epilogue": lambda: ops.soft_argmax(s, t, TAU, HW, backend="cpu"),
+        "fused_topk_C768": lambda: ops.match_topk(s, t, 1, backend="cpu"),
+        "mm_floor_C768": lambda: torch.mm(s[0], t[0].T),
+    }[impl]
+    with torch.no_grad():
+        _run(benchmark, fn)
+
+
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 def test_soft_argmax_60_naive_fp32_vs_fused_bf16(benchmark, impl):
     benchmark.group = "soft_argmax 60x60: fused bf16 vs naive fp32"
@@ -70,6 +88,31 @@ def test_match_topk_60(benchmark, impl, k):
     benchmark.group = f"match_topk k={k} 60x60 C=768 fp32"
     s, t = _feats(torch.float32, 0), _feats(torch.float32, 1)
     fn = (lambda: ops.match_topk(s, t, k, backend="cpu")) if impl == "fused" else (lambda: B.naive_match_topk(s, t, k))
+    with torch.no_grad():
+        _run(benchmark, fn)
+
+
+def _smooth_feats(seed, side=SIDE, c=C):
+    """Spatially smooth features (bicubic upsampling of coarse noise + a little fine noise): neighbouring
+    cells are alike, so a row's best targets are near-ties, the hard case for bf16 screening."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.interpolate(torch.randn(1, c, side // 4 + 2, side // 4 + 2, generator=g), (side, side),
+                                        mode="bicubic", align_corners=False)
+    return (z + 0.3 * torch.randn(1, c, side, side, generator=g)).flatten(2).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("features", ["random", "smooth"])
+@pytest.mark.parametrize("impl", ["screened", "plain_fp32", "naive"])
+def test_match_topk_screening(benchmark, monkeypatch, impl, features):
+    """fp32 match_topk k=1: bf16 screening + fp32 certificate vs the plain fp32 stream (SEMCORR_CPU_SCREEN=0)."""
+    benchmark.group = f"match_topk k=1 60x60 C=768 fp32, {features} features: screening"
+    if features == "random":
+        s, t = _feats(torch.float32, 0), _feats(torch.float32, 1)
+    else:
+        s = _smooth_feats(0)
+        t = s + 0.5 * _smooth_feats(1)
+    monkeypatch.setenv("SEMCORR_CPU_SCREEN", "0" if impl == "plain_fp32" else "1")
+    fn = (lambda: B.naive_match_topk(s, t, 1)) if impl == "naive" else (lambda: ops.match_topk(s, t, 1, backend="cpu"))
     with torch.no_grad():
         _run(benchmark, fn)
 

@@ -5,8 +5,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "common/kernel_util.h"
 #include "common/stream_engine.h"
@@ -108,6 +112,13 @@ struct SoftArgmaxBwd {
 // ------------------------------------------------------------------ running top-k
 // Per row: k (value, index) pairs sorted by value descending then index ascending. Targets arrive in
 // increasing index order, so a strict comparison keeps the lowest index among ties.
+// Small k (≤ kInsertMaxK): a sorted list with insertion. Large k (curation asks for 500): insertion
+// would shift O(k) entries per accepted score, so each row instead appends the scores above its
+// threshold to a buffer of k + max(k, 256) and, when the buffer is full, keeps its k best
+// (std::nth_element; threshold = the k-th); finish() sorts. Amortised O(1) per accepted score; same
+// order and tie rule (an equal score arriving later has a higher index, so it loses to the kept one).
+constexpr int64_t kInsertMaxK = 32;
+
 template <typename acc_t>
 struct TopK {
   int64_t k, Ns, Nt;
@@ -115,16 +126,45 @@ struct TopK {
   acc_t* vals;       // (B, Ns, k)
   int64_t* idx;      // (B, Ns, k)
 
+  struct Entry {
+    acc_t v;
+    int64_t i;
+    bool operator<(const Entry& o) const { return v > o.v || (v == o.v && i < o.i); }  // "better than"
+  };
+
   struct Block {
     const TopK& e;
     int64_t b, r0, m;
-    std::vector<acc_t> v;
+    bool big;
+    int64_t cap;                // large k: buffer entries per row (k + max(k, 256))
+    std::vector<acc_t> v;       // small k: (m, k) sorted lists
     std::vector<int64_t> id;
+    std::vector<Entry> buf;     // large k: (m, cap) buffers
+    std::vector<int64_t> cnt;   // large k: entries in each row's buffer
+    std::vector<acc_t> thr;     // large k: each row's acceptance threshold (its k-th best once known)
     Block(const TopK& e_, int64_t b_, int64_t r0_, int64_t m_)
-        : e(e_), b(b_), r0(r0_), m(m_), v(m_ * e_.k, -kInf<acc_t>), id(m_ * e_.k, -1) {}
+        : e(e_), b(b_), r0(r0_), m(m_), big(e_.k > kInsertMaxK), cap(e_.k + std::max<int64_t>(e_.k, 256)) {
+      if (big) {
+        buf.resize(size_t(m_ * cap));
+        cnt.assign(m_, 0);
+        thr.assign(m_, -kInf<acc_t>);
+      } else {
+        v.assign(m_ * e_.k, -kInf<acc_t>);
+        id.assign(m_ * e_.k, -1);
+      }
+    }
 
     inline void insert(acc_t* vi, int64_t* ii, acc_t s, int64_t index) const {
       core::topk_insert<acc_t>(vi, ii, e.k, s, index);
+    }
+    // large k: partition row i's buffer so that its k best come first, drop the rest, raise the threshold
+    void keep_best(int64_t i) {
+      Entry* r = buf.data() + i * cap;
+      if (cnt[i] > e.k) {
+        std::nth_element(r, r + (e.k - 1), r + cnt[i]);
+        cnt[i] = e.k;
+      }
+      if (cnt[i] == e.k) thr[i] = std::max_element(r, r + e.k)->v;  // the worst kept = the k-th best
     }
     void tile(const acc_t* S, int64_t ld, int64_t c0, int64_t n) {
       using V = Vectorized<acc_t>;
@@ -133,6 +173,25 @@ struct TopK {
       const int full = (1 << L) - 1;
       for (int64_t i = 0; i < m; ++i) {
         const acc_t* row = S + i * ld;
+        if (big) {
+          acc_t th = thr[i];
+          Entry* r = buf.data() + i * cap;
+          auto accept = [&](int64_t q) {
+            if (!(row[q] > th) || (mk && !mk[q])) return;
+            r[cnt[i]++] = Entry{row[q], c0 + q};
+            if (cnt[i] == cap) {
+              keep_best(i);
+              th = thr[i];
+            }
+          };
+          int64_t j = 0;
+          for (; j + L <= n; j += L) {
+            if ((V::loadu(row + j) > V(th)).zero_mask() == full) continue;
+            for (int64_t q = j; q < j + L; ++q) accept(q);
+          }
+          for (; j < n; ++j) accept(j);
+          continue;
+        }
         acc_t* vi = v.data() + i * e.k;
         int64_t* ii = id.data() + i * e.k;
         int64_t j = 0;
@@ -148,8 +207,20 @@ struct TopK {
     }
     void finish() {
       const int64_t off = (b * e.Ns + r0) * e.k;
-      std::copy(v.begin(), v.end(), e.vals + off);
-      std::copy(id.begin(), id.end(), e.idx + off);
+      if (!big) {
+        std::copy(v.begin(), v.end(), e.vals + off);
+        std::copy(id.begin(), id.end(), e.idx + off);
+        return;
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        keep_best(i);
+        Entry* r = buf.data() + i * cap;
+        std::sort(r, r + cnt[i]);
+        for (int64_t j = 0; j < e.k; ++j) {
+          e.vals[off + i * e.k + j] = j < cnt[i] ? r[j].v : -kInf<acc_t>;
+          e.idx[off + i * e.k + j] = j < cnt[i] ? r[j].i : -1;
+        }
+      }
     }
   };
 };
@@ -260,6 +331,158 @@ std::tuple<Tensor, Tensor> soft_argmax_bwd(const Tensor& grad, const Tensor& src
   return res;
 }
 
+// ------------------------------------------------------------------ fp32 top-k by bf16 screening
+// An exact fp32 match_topk that runs its GEMM in bf16 (AMX / AVX512-BF16, several times the fp32 rate
+// here), then re-ranks a few candidates per row in fp32:
+//  1. x̂ = bf16(x · r_x), ŷ = bf16(y · r_y): the rows the fp32 path compares, rounded once (r = inverse
+//     norm, or 1 for raw dots).
+//  2. Screening: the running top-K2 (K2 = k + kScreenExtra) of s̃ = x̂·ŷ (fp32 accumulation), masks
+//     applied, through the same streaming engine and TopK epilogue as every other top-k.
+//  3. Re-rank: the exact fp32 score of each candidate, (x·y) · r_x · r_y, sorted by value then index.
+//  4. Certificate. Rounding to bf16 moves each factor by a relative 2⁻⁸ at most (u, round to nearest),
+//     so |s̃ − s| ≤ ((1+u)² − 1) Σ|x_c r_x y_c r_y| + fp32 accumulation error
+//                ≤ (2u + u² + (C+4)·2⁻²³) · ‖x r_x‖ · ‖y r_y‖ =: δ_u  (Cauchy–Schwarz; ‖y r_y‖ ≤ its max
+//     over the batch's targets), and the same (C+4)·2⁻²³ term covers the fp32 re-rank's own error. A
+//     target outside a full candidate list has s̃ ≤ t (the K2-th screened value), so its fp32 score is
+//     below t + 2δ_u. When t + 2δ_u < the k-th re-ranked score, no outsider can enter the top k and the
+//     answer is exactly the fp32 one; otherwise (many near-ties) that row goes through the plain fp32
+//     path (the uncertain rows of a batch item as one block). Rows whose candidate list is not full
+//     hold every valid target already.
+// Non-finite inputs (NaN/Inf anywhere) take the plain fp32 path for the whole call, so their documented
+// behaviour is unchanged. SEMCORR_CPU_SCREEN=0 turns the screening off.
+constexpr int64_t kScreenExtra = 15;
+constexpr int64_t kScreenMaxK = 64;
+
+inline float dot_f32(const float* a, const float* b, int64_t C) {
+  using V = Vectorized<float>;
+  constexpr int64_t L = V::size();
+  V s0(0.f), s1(0.f);
+  int64_t j = 0;
+  for (; j + 2 * L <= C; j += 2 * L) {
+    s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
+    s1 = at::vec::fmadd(V::loadu(a + j + L), V::loadu(b + j + L), s1);
+  }
+  for (; j + L <= C; j += L) s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
+  alignas(64) float lanes[L];
+  (s0 + s1).store(lanes);
+  float t = 0.f;
+  for (int64_t q = 0; q < L; ++q) t += lanes[q];
+  for (; j < C; ++j) t += a[j] * b[j];
+  return t;
+}
+
+bool screening_available(const Tensor& src, int64_t k) {
+  const char* env = std::getenv("SEMCORR_CPU_SCREEN");
+  const bool on = !(env && *env && std::atoi(env) == 0);
+  return on && src.scalar_type() == at::kFloat && k <= kScreenMaxK && gemm::can_pack(at::kBFloat16);
+}
+
+// Returns false (and writes nothing) when an input is not finite: the caller then runs the fp32 path.
+bool match_topk_screened(const Tensor& src, const Tensor& tgt, int64_t k, const bool* mask, bool normalize,
+                         float* vals, int64_t* idx) {
+  const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1), C = src.size(2);
+  const float* X = src.data_ptr<float>();
+  const float* Y = tgt.data_ptr<float>();
+  // inverse norms r (the formula of inv_norms, so that they equal the fp32 path's), the norms of the
+  // compared rows ‖x r‖ (1, or 0 for a zero row, when normalising), and the rows' bf16 copies
+  std::vector<float> rs(B * Ns), rt(B * Nt), ns(B * Ns), nt(B * Nt);
+  Tensor xs = at::empty({B, Ns, C}, src.options().dtype(at::kBFloat16));
+  Tensor ys = at::empty({B, Nt, C}, src.options().dtype(at::kBFloat16));
+  auto round_rows = [C, normalize](const float* in, float* r, float* norms, c10::BFloat16* out, int64_t rows) {
+    at::parallel_for(0, rows, 64, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        const float nrm = std::sqrt(sum_squares<float>(in + i * C, C));
+        const float ri = normalize ? 1.f / std::max(nrm, 1e-12f) : 1.f;
+        r[i] = ri;
+        norms[i] = nrm * ri;
+        for (int64_t c = 0; c < C; ++c) out[i * C + c] = c10::BFloat16(in[i * C + c] * ri);
+      }
+    });
+  };
+  round_rows(X, rs.data(), ns.data(), xs.data_ptr<c10::BFloat16>(), B * Ns);
+  round_rows(Y, rt.data(), nt.data(), ys.data_ptr<c10::BFloat16>(), B * Nt);
+  std::vector<float> ntmax(B, 0.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t v = 0; v < Nt; ++v) {
+      if (!std::isfinite(nt[b * Nt + v])) return false;
+      ntmax[b] = std::max(ntmax[b], nt[b * Nt + v]);
+    }
+  for (int64_t u = 0; u < B * Ns; ++u)
+    if (!std::isfinite(ns[u])) return false;
+
+  const int64_t K2 = std::min(Nt, k + env_int("SEMCORR_CPU_SCREEN_EXTRA", kScreenExtra));
+  std::vector<float> cv(size_t(B * Ns * K2));
+  std::vector<int64_t> ci(size_t(B * Ns * K2));
+  {
+    const StreamInput<c10::BFloat16> in(xs.data_ptr<c10::BFloat16>(), ys.data_ptr<c10::BFloat16>(), B, Ns, Nt, C,
+                                        /*normalize=*/false);
+    TopK<float> screen{K2, Ns, Nt, mask, cv.data(), ci.data()};
+    stream_forward(in, screen);
+  }
+  std::vector<uint8_t> redo(size_t(B * Ns), 0);
+  const float factor = float((2.0 / 256 + 1.0 / 65536 + double(C + 4) * std::ldexp(1.0, -23)) * 1.001);
+  at::parallel_for(0, B * Ns, 16, [&](int64_t a, int64_t e) {
+    std::vector<std::pair<float, int64_t>> cand;
+    std::vector<float> row;
+    for (int64_t u = a; u < e; ++u) {
+      const int64_t b = u / Ns;
+      const float* x = X + u * C;
+      const float* yb = Y + b * Nt * C;
+      const float* rtb = rt.data() + b * Nt;
+      const float* cvu = cv.data() + u * K2;
+      const int64_t* ciu = ci.data() + u * K2;
+      const float delta = factor * ns[u] * ntmax[b];
+      // Only candidates with s̃ ≥ s̃_(k) − 2δ can be in the exact top k (k of them score ≥ s̃_(k) − δ,
+      // each other one below s̃ + δ): the rest are counted but not re-ranked.
+      int64_t nscr = 0;
+      while (nscr < K2 && ciu[nscr] >= 0) ++nscr;
+      const float cut = nscr >= k ? cvu[k - 1] - 2 * delta : -kInf<float>;
+      cand.clear();
+      for (int64_t j = 0; j < nscr && cvu[j] >= cut; ++j) {
+        const int64_t v = ciu[j];
+        cand.emplace_back(dot_f32(x, yb + v * C, C) * rs[u] * rtb[v], v);
+      }
+      std::sort(cand.begin(), cand.end(), [](const auto& p, const auto& q) {
+        return p.first > q.first || (p.first == q.first && p.second < q.second);
+      });
+      const bool full = nscr == K2 && K2 < Nt;
+      const bool certain = int64_t(cand.size()) >= std::min(k, nscr) &&
+                           (!full || (int64_t(cand.size()) >= k && cvu[K2 - 1] + 2 * delta < cand[k - 1].first));
+      float* vo = vals + u * k;
+      int64_t* io = idx + u * k;
+      if (certain) {
+        for (int64_t j = 0; j < k; ++j) {
+          vo[j] = j < int64_t(cand.size()) ? cand[j].first : -kInf<float>;
+          io[j] = j < int64_t(cand.size()) ? cand[j].second : -1;
+        }
+        continue;
+      }
+      redo[u] = 1;  // near-ties beyond the candidate list: this row again in fp32, below
+    }
+  });
+  // The uncertain rows of each batch item through the plain fp32 streaming path, as one compact block.
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int64_t> rows;
+    for (int64_t u = b * Ns; u < (b + 1) * Ns; ++u)
+      if (redo[u]) rows.push_back(u);
+    if (rows.empty()) continue;
+    const int64_t nf = int64_t(rows.size());
+    Tensor xf = at::empty({1, nf, C}, src.options());
+    float* xp = xf.data_ptr<float>();
+    for (int64_t i = 0; i < nf; ++i) std::copy(X + rows[i] * C, X + (rows[i] + 1) * C, xp + i * C);
+    std::vector<float> vf(size_t(nf * k));
+    std::vector<int64_t> idf(size_t(nf * k));
+    const StreamInput<float> in(xp, Y + b * Nt * C, 1, nf, Nt, C, normalize);
+    TopK<float> exact{k, nf, Nt, mask ? mask + b * Nt : nullptr, vf.data(), idf.data()};
+    stream_forward(in, exact);
+    for (int64_t i = 0; i < nf; ++i) {
+      std::copy(vf.begin() + i * k, vf.begin() + (i + 1) * k, vals + rows[i] * k);
+      std::copy(idf.begin() + i * k, idf.begin() + (i + 1) * k, idx + rows[i] * k);
+    }
+  }
+  return true;
+}
+
 std::tuple<Tensor, Tensor> match_topk(const Tensor& src, const Tensor& tgt, int64_t k,
                                       const std::optional<Tensor>& tgt_mask, bool normalize) {
   check_pair(src, tgt, "match_topk");
@@ -268,6 +491,10 @@ std::tuple<Tensor, Tensor> match_topk(const Tensor& src, const Tensor& tgt, int6
   Tensor vals = out_like(src, {B, Ns, k}), idx = at::empty({B, Ns, k}, src.options().dtype(at::kLong));
   Tensor mask;
   if (tgt_mask.has_value()) mask = tgt_mask->to(at::kBool).contiguous();
+  if (Ns > 0 && Nt > 0 && screening_available(src, k) &&
+      match_topk_screened(src, tgt, k, mask.defined() ? mask.data_ptr<bool>() : nullptr, normalize,
+                          vals.data_ptr<float>(), idx.data_ptr<int64_t>()))
+    return {vals, idx};
   SC_DISPATCH_FLOATING(src.scalar_type(), "match_topk", [&] {
     using acc_t = acc_type_t<scalar_t>;
     auto in = make_input<scalar_t>(src, tgt, normalize);
