@@ -38,6 +38,7 @@ from numbers import Integral
 from typing import Iterator, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from . import ops
 from .train.data import BatchStream, derive_seed
@@ -151,13 +152,15 @@ def _block_retrieval(q: Tensor, db: Tensor, k: int, start: int, chunk_size: int,
     v, i = ops.topk_retrieval(q, db, k + 1, normalize=normalize, chunk_size=chunk_size, backend=backend)
     rows = torch.arange(start, start + q.shape[0], device=i.device)[:, None]
     self_hit = i == rows
-    # drop the self entry (at most one per row) and keep the order of the others
+    # drop the self entry (at most one per row), keeping the order of the others: entry j moves to its
+    # rank among the kept ones; the self entry (and a row's (k+1)-th when it has no self entry) goes to
+    # slot k, which is cut off
     keep = ~self_hit
-    order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
-    v = torch.gather(v.masked_fill(self_hit, -torch.inf), 1, order)
-    i = torch.gather(i.masked_fill(self_hit, -1), 1, order)
-    # a row whose self entry was not among its k + 1 best keeps its first k
-    return v, i.masked_fill(v == -torch.inf, -1)
+    pos = (keep.cumsum(1) - 1).masked_fill(self_hit, k).clamp_(max=k)
+    vo = torch.full((v.shape[0], k + 1), -torch.inf, dtype=v.dtype, device=v.device).scatter_(1, pos, v)
+    io = torch.full((i.shape[0], k + 1), -1, dtype=i.dtype, device=i.device).scatter_(1, pos, i)
+    vo, io = vo[:, :k], io[:, :k]
+    return vo, io.masked_fill(vo == -torch.inf, -1)
 
 
 class PairSampler:
@@ -249,7 +252,7 @@ class CuratedBatchStream(BatchStream):
 
 @torch.no_grad()
 def extract_class_tokens(backbone, source, *, batch_size: int = 64, cls_source: str = "auto",
-                         device=None) -> Tensor:
+                         device=None, progress: bool = False) -> Tensor:
     """Class tokens of every image of a training source, for :func:`curate_pairs`.
 
     Args:
@@ -257,6 +260,7 @@ def extract_class_tokens(backbone, source, *, batch_size: int = 64, cls_source: 
         source: anything with ``__len__`` and ``image(i) -> (3, H, W)`` in [0, 1] on the backbone canvas.
         batch_size: images per forward pass.
         cls_source: see :func:`~semcorr_fast.methods.universal.backbone_outputs`.
+        progress: a tqdm bar over the images.
     Returns:
         ``(N, C)`` float32 on the CPU.
     """
@@ -268,9 +272,11 @@ def extract_class_tokens(backbone, source, *, batch_size: int = 64, cls_source: 
         raise TypeError(f"{fn}: source must have __len__ and image(i), got {type(source).__name__}")
     dev = torch.device(device) if device is not None else getattr(backbone, "device", torch.device("cpu"))
     out = []
-    for s in range(0, len(source), batch_size):
-        imgs = torch.stack([source.image(i) for i in range(s, min(s + batch_size, len(source)))]).to(dev)
-        out.append(backbone_outputs(backbone, imgs, cls_source=cls_source).cls.float().cpu())
+    with tqdm(total=len(source), desc="class tokens", unit="img", disable=not progress) as bar:
+        for s in range(0, len(source), batch_size):
+            imgs = torch.stack([source.image(i) for i in range(s, min(s + batch_size, len(source)))]).to(dev)
+            out.append(backbone_outputs(backbone, imgs, cls_source=cls_source).cls.float().cpu())
+            bar.update(imgs.shape[0])
     return torch.cat(out)
 
 

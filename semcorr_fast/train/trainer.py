@@ -184,7 +184,8 @@ def _make_stream(config, method, backbone, source, rank, world, device):
 
     schedule = getattr(method, "pair_schedule", DEFAULT_SCHEDULE)
     k_max = min(max(k for _, k in schedule), max(1, len(source) - 1))
-    tokens = extract_class_tokens(backbone, source, device=device)   # same on every rank (same seeded source)
+    # same on every rank (same seeded source)
+    tokens = extract_class_tokens(backbone, source, device=device, progress=rank == 0)
     _, neighbours = curate_pairs(tokens, k_max, exclude_self=True)
     return CuratedBatchStream(source, t.batch_size, t.seed, neighbours, schedule, rank=rank, world=world)
 
