@@ -1,4 +1,4 @@
-"""Training-step benchmark of Demystifying's EQ, CL, DVE and ASYM at higher feature resolution (issue 7).
+"""Training-step benchmark of Demystifying's EQ, CL, DVE, ASYM and LEAD at higher feature resolution (issue 7).
 
 One optimiser step (forward + backward + Adam) of each method on a frozen backbone, with its loss through
 the fused CPU ops (``loss_backend="cpu"``) or the naive materialising formulation
@@ -25,7 +25,7 @@ from semcorr_fast.backbones import Backbone
 from semcorr_fast.data.canvas import Canvas
 from semcorr_fast.methods import build_method
 
-METHODS = ("eq", "cl", "dve", "asym")
+METHODS = ("eq", "cl", "dve", "asym", "lead")
 
 
 class Conv3Shape(Backbone):

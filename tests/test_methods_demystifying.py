@@ -403,6 +403,30 @@ def test_smallcnn_trains_end_to_end():
 
 
 # ----------------------------------------------------------------------------------------------- bad input, configs
+def test_lead_report_kl_is_ce_minus_teacher_entropy():
+    """report_kl logs H(a) and KL(a || b) = CE − H(a), checked against the materialised distributions."""
+    batch = make_batch(B=2)
+    bb = standin()
+    m = build_method("lead", bb, grid=8, proj_dim=8, report_kl=True)
+    out = m.training_step(with_gen(batch), 0)
+    psi_s, psi_t = m.grid_features(batch["src"]), m.grid_features(batch["trg"])
+    phi_s, phi_t = m.project(psi_s), m.project(psi_t)
+    la = torch.log_softmax(_cos(psi_s, psi_t) / 0.05, -1)
+    lb = torch.log_softmax(_cos(phi_s, phi_t) / 0.05, -1)
+    a = la.exp()
+    torch.testing.assert_close(out["teacher_entropy"], -(a * la).sum(-1).mean(), rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(out["kl"], (a * (la - lb)).sum(-1).mean(), rtol=2e-3, atol=2e-5)
+    assert out["kl"] >= -1e-5 and not out["kl"].requires_grad and out["loss"].requires_grad
+    # the same step without report_kl has the same loss and only the loss
+    plain = build_method("lead", bb, grid=8, proj_dim=8).training_step(with_gen(batch), 0)
+    assert set(plain) == {"loss"}
+    torch.testing.assert_close(plain["loss"], out["loss"])
+    with pytest.raises(ValueError, match="report_kl"):
+        build_method("lead", bb, loss="mse", report_kl=True)
+    with pytest.raises(TypeError, match="report_kl"):
+        build_method("lead", bb, report_kl=1)
+
+
 def test_bad_arguments_are_named():
     bb = standin()
     with pytest.raises(ValueError, match="pairing"):

@@ -421,3 +421,6 @@ def test_configs_load_and_build(tiny):
     I, J = _images(6, S=bb.canvas.size[0])
     out = md.training_step({"src": I, "trg": J, "generator": torch.Generator().manual_seed(0)}, 0)
     assert torch.isfinite(out["loss"])
+    run = load_config(os.path.join(ROOT, "configs/universal/universal_dino_vits8_demo.toml"))  # docs/benchmarks.md
+    assert (run.data.curation, run.data.n_images, run.train.steps) == ("knn", 2000, 300)
+    assert build_method(run.method, bb, **run.method_args).pair_schedule == ((0, 5), (100, 20), (200, 50))

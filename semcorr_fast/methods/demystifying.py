@@ -789,12 +789,17 @@ class _DistillLoss(DemystifyingMethod):
     one direction (x → x^α), :func:`semcorr_fast.ops.rowsoftmax_distill`. Loss = ``loss_scale`` × mean
     over rows of the per-row loss (the code's 1/(B·H·W))."""
 
-    def _distill_setup(self, loss, loss_scale):
+    def _distill_setup(self, loss, loss_scale, report_kl=False):
         fn = type(self).__name__
         self.loss_kind = _choice(loss, "loss", ("ce", "mse", "l1"), fn)
         if loss_scale is None:
             loss_scale = 100.0 if self.loss_kind == "mse" else 1.0
         self.loss_scale = _pos(loss_scale, "loss_scale", fn)
+        if not isinstance(report_kl, bool):
+            raise TypeError(f"{fn}: report_kl must be a bool, got {type(report_kl).__name__}")
+        if report_kl and self.loss_kind != "ce":
+            raise ValueError(f"{fn}: report_kl=True needs loss='ce' (KL = CE - H(teacher)), got loss={self.loss_kind!r}")
+        self.report_kl = report_kl
 
     def _taus(self) -> tuple[float, float]:
         return (self.taus[0], self.taus[-1])
@@ -809,24 +814,35 @@ class _DistillLoss(DemystifyingMethod):
         tt, ts = self._taus()
         L = ops.rowsoftmax_distill(t_rows[:B], t_rows[B:], s_rows[:B], s_rows[B:], tt, ts, loss=self.loss_kind,
                                    backend=self.loss_backend)
-        return {"loss": self.loss_scale * L.mean()}
+        out = {"loss": self.loss_scale * L.mean()}
+        if self.report_kl:
+            # CE(a, b) = H(a) + KL(a || b): H(a) is fixed by the frozen teacher, so the part ρ can lower is
+            # the KL. H(a) = CE(a, a): the same fused op with the teacher as student (one more forward).
+            with torch.no_grad():
+                Ha = ops.rowsoftmax_distill(t_rows[:B], t_rows[B:], t_rows[:B], t_rows[B:], tt, tt, loss="ce",
+                                            backend=self.loss_backend)
+            out["teacher_entropy"] = self.loss_scale * Ha.mean()
+            out["kl"] = out["loss"].detach() - out["teacher_entropy"]
+        return out
 
 
 @register_method("lead")
 class LEAD(_DistillLoss):
     """LEAD (Karmali et al. 2022) on a linear ρ (Eq. 3): row cross-entropy −Σ_v a log b with one τ
-    (0.05) for teacher and student. ``loss="mse"`` is the code's ``lead_mse`` (×100, Table A2)."""
+    (0.05) for teacher and student. ``loss="mse"`` is the code's ``lead_mse`` (×100, Table A2).
+    ``report_kl=True`` also logs ``teacher_entropy`` H(a) and ``kl`` = loss − H(a), the part of the CE
+    that ρ can lower (one extra no-grad forward of the fused op per step)."""
 
     kind = "lead"
 
     def __init__(self, backbone, *, proj_dim: int = 256, grid: int = 64, temperature: str = "paper",
                  tau: float | None = None, logit_scale: float | None = None, loss: str = "ce",
                  loss_scale: float | None = None, loss_backend: str = "auto", train_backbone: bool = False,
-                 init_seed: int | None = 0):
+                 init_seed: int | None = 0, report_kl: bool = False):
         super().__init__(backbone, freeze_backbone=not train_backbone)
         self._setup(proj_dim=proj_dim, grid=grid, temperature=temperature, tau=tau, logit_scale=logit_scale,
                     loss_backend=loss_backend, train_backbone=train_backbone, init_seed=init_seed)
-        self._distill_setup(loss, loss_scale)
+        self._distill_setup(loss, loss_scale, report_kl)
 
 
 @register_method("asym")
