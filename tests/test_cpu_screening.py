@@ -95,3 +95,23 @@ def test_large_k_is_not_screened_and_still_right(monkeypatch):
     src, tgt = torch.randn(1, 10, 8, generator=g), torch.randn(1, 300, 8, generator=g)
     scr, plain = _both(monkeypatch, src, tgt, 100)
     assert torch.equal(scr[1], plain[1]) and torch.equal(scr[0], plain[0])
+
+
+@pytest.mark.parametrize("outside", ["exclude", "zero"])
+def test_window_soft_argmax_centres_are_the_fp32_argmax(monkeypatch, outside):
+    """window_soft_argmax's pass 1 (the row argmax = window centre) uses the same screening in fp32."""
+    g = torch.Generator().manual_seed(4)
+    H, W, C = 12, 10, 24
+    src = torch.randn(2, 30, C, generator=g)
+    tgt = torch.randn(2, H * W, C, generator=g)
+    # two near-copies of each of 10 source rows, cosines 1 − O(1e-6) and 1 − O(1e-5): apart in fp32, tied in
+    # bf16 (resolution ~4e-3); the centre must be the closer copy, whose window is far from the other's
+    tgt[:, 50:60] = src[:, :10] + 3e-3 * torch.randn(2, 10, C, generator=g)
+    tgt[:, 90:100] = src[:, :10] + 1e-3 * torch.randn(2, 10, C, generator=g)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SEMCORR_CPU_SCREEN", flag)
+        outs.append(ops.window_soft_argmax(src, tgt, 0.05, (H, W), 2, outside=outside, backend="cpu"))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    # rows 0..9 are centred on their closer copy (cells 90..99: y = 9, x = 0..9), far from cells 50..59
+    assert (outs[0][:, :10, 1] > 7).all()

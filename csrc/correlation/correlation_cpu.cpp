@@ -607,7 +607,7 @@ Tensor instance_matching_distance(const Tensor& src, const Tensor& tgt, const st
 }
 
 // ------------------------------------------------------------------ window soft-argmax
-// Pass 1 is the engine's top-1; pass 2 visits only the ≤(2r+1)² window cells of each row, on acc_t
+// Pass 1 is the engine's top-1 (fp32: by bf16 screening, as match_topk); pass 2 visits only the ≤(2r+1)² window cells of each row, on acc_t
 // features (bf16/fp16 inputs are converted once, O(N·C)).
 using core::Window;
 using core::window_of;
@@ -616,6 +616,10 @@ template <typename acc_t>
 std::vector<int64_t> argmax_rows(const Tensor& src, const Tensor& tgt, bool normalize) {
   const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1);
   std::vector<int64_t> center(B * Ns);
+  if (Ns > 0 && Nt > 0 && screening_available(src, 1)) {  // fp32: the certified bf16 screening of match_topk
+    std::vector<float> v1(B * Ns);
+    if (match_topk_screened(src, tgt, 1, nullptr, normalize, v1.data(), center.data())) return center;
+  }
   SC_DISPATCH_FLOATING(src.scalar_type(), "window_soft_argmax", [&] {
     using a_t = acc_type_t<scalar_t>;
     auto in = make_input<scalar_t>(src, tgt, normalize);
