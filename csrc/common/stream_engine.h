@@ -118,13 +118,17 @@ inline acc_t sum_squares(const T* p, int64_t C) {
 }
 
 // Per-row inverse norms r = 1 / max(‖x‖₂, 1e-12) (as F.normalize), or 1 when normalize=false.
+// `norms` (optional, rows entries) receives ‖x‖₂ itself, computed even when normalize=false.
 template <typename T, typename acc_t = acc_type_t<T>>
-std::vector<acc_t> inv_norms(const T* x, int64_t rows, int64_t C, bool normalize) {
+std::vector<acc_t> inv_norms(const T* x, int64_t rows, int64_t C, bool normalize, acc_t* norms = nullptr) {
   std::vector<acc_t> r(rows, acc_t(1));
-  if (!normalize) return r;
+  if (!normalize && !norms) return r;
   at::parallel_for(0, rows, 64, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i)
-      r[i] = acc_t(1) / std::max(std::sqrt(sum_squares<T>(x + i * C, C)), acc_t(1e-12));
+    for (int64_t i = a; i < b; ++i) {
+      const acc_t n = std::sqrt(sum_squares<T>(x + i * C, C));
+      if (norms) norms[i] = n;
+      if (normalize) r[i] = acc_t(1) / std::max(n, acc_t(1e-12));
+    }
   });
   return r;
 }

@@ -353,24 +353,6 @@ std::tuple<Tensor, Tensor> soft_argmax_bwd(const Tensor& grad, const Tensor& src
 constexpr int64_t kScreenExtra = 15;
 constexpr int64_t kScreenMaxK = 64;
 
-inline float dot_f32(const float* a, const float* b, int64_t C) {
-  using V = Vectorized<float>;
-  constexpr int64_t L = V::size();
-  V s0(0.f), s1(0.f);
-  int64_t j = 0;
-  for (; j + 2 * L <= C; j += 2 * L) {
-    s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
-    s1 = at::vec::fmadd(V::loadu(a + j + L), V::loadu(b + j + L), s1);
-  }
-  for (; j + L <= C; j += L) s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
-  alignas(64) float lanes[L];
-  (s0 + s1).store(lanes);
-  float t = 0.f;
-  for (int64_t q = 0; q < L; ++q) t += lanes[q];
-  for (; j < C; ++j) t += a[j] * b[j];
-  return t;
-}
-
 bool screening_available(const Tensor& src, int64_t k) {
   const char* env = std::getenv("SEMCORR_CPU_SCREEN");
   const bool on = !(env && *env && std::atoi(env) == 0);
@@ -383,19 +365,18 @@ bool match_topk_screened(const Tensor& src, const Tensor& tgt, int64_t k, const 
   const int64_t B = src.size(0), Ns = src.size(1), Nt = tgt.size(1), C = src.size(2);
   const float* X = src.data_ptr<float>();
   const float* Y = tgt.data_ptr<float>();
-  // inverse norms r (the formula of inv_norms, so that they equal the fp32 path's), the norms of the
-  // compared rows ‖x r‖ (1, or 0 for a zero row, when normalising), and the rows' bf16 copies
-  std::vector<float> rs(B * Ns), rt(B * Nt), ns(B * Ns), nt(B * Nt);
+  // inverse norms r (the fp32 path's, from inv_norms), the norms of the compared rows ‖x r‖ (1, or 0
+  // for a zero row, when normalising), and the rows' bf16 copies
+  std::vector<float> ns(B * Ns), nt(B * Nt);
+  const std::vector<float> rs = inv_norms<float>(X, B * Ns, C, normalize, ns.data());
+  const std::vector<float> rt = inv_norms<float>(Y, B * Nt, C, normalize, nt.data());
   Tensor xs = at::empty({B, Ns, C}, src.options().dtype(at::kBFloat16));
   Tensor ys = at::empty({B, Nt, C}, src.options().dtype(at::kBFloat16));
-  auto round_rows = [C, normalize](const float* in, float* r, float* norms, c10::BFloat16* out, int64_t rows) {
+  auto round_rows = [C](const float* in, const float* r, float* norms, c10::BFloat16* out, int64_t rows) {
     at::parallel_for(0, rows, 64, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
-        const float nrm = std::sqrt(sum_squares<float>(in + i * C, C));
-        const float ri = normalize ? 1.f / std::max(nrm, 1e-12f) : 1.f;
-        r[i] = ri;
-        norms[i] = nrm * ri;
-        for (int64_t c = 0; c < C; ++c) out[i * C + c] = c10::BFloat16(in[i * C + c] * ri);
+        norms[i] *= r[i];
+        for (int64_t c = 0; c < C; ++c) out[i * C + c] = c10::BFloat16(in[i * C + c] * r[i]);
       }
     });
   };
@@ -423,7 +404,6 @@ bool match_topk_screened(const Tensor& src, const Tensor& tgt, int64_t k, const 
   const float factor = float((2.0 / 256 + 1.0 / 65536 + double(C + 4) * std::ldexp(1.0, -23)) * 1.001);
   at::parallel_for(0, B * Ns, 16, [&](int64_t a, int64_t e) {
     std::vector<std::pair<float, int64_t>> cand;
-    std::vector<float> row;
     for (int64_t u = a; u < e; ++u) {
       const int64_t b = u / Ns;
       const float* x = X + u * C;
@@ -440,14 +420,13 @@ bool match_topk_screened(const Tensor& src, const Tensor& tgt, int64_t k, const 
       cand.clear();
       for (int64_t j = 0; j < nscr && cvu[j] >= cut; ++j) {
         const int64_t v = ciu[j];
-        cand.emplace_back(dot_f32(x, yb + v * C, C) * rs[u] * rtb[v], v);
+        cand.emplace_back(dot<float>(x, yb + v * C, C) * rs[u] * rtb[v], v);
       }
       std::sort(cand.begin(), cand.end(), [](const auto& p, const auto& q) {
         return p.first > q.first || (p.first == q.first && p.second < q.second);
       });
       const bool full = nscr == K2 && K2 < Nt;
-      const bool certain = int64_t(cand.size()) >= std::min(k, nscr) &&
-                           (!full || (int64_t(cand.size()) >= k && cvu[K2 - 1] + 2 * delta < cand[k - 1].first));
+      const bool certain = !full || cvu[K2 - 1] + 2 * delta < cand[k - 1].first;  // full ⇒ cand holds ≥ k
       float* vo = vals + u * k;
       int64_t* io = idx + u * k;
       if (certain) {
@@ -607,8 +586,8 @@ Tensor instance_matching_distance(const Tensor& src, const Tensor& tgt, const st
 }
 
 // ------------------------------------------------------------------ window soft-argmax
-// Pass 1 is the engine's top-1 (fp32: by bf16 screening, as match_topk); pass 2 visits only the ≤(2r+1)² window cells of each row, on acc_t
-// features (bf16/fp16 inputs are converted once, O(N·C)).
+// Pass 1 is the engine's top-1 (fp32: by bf16 screening, as match_topk); pass 2 visits only the
+// ≤(2r+1)² window cells of each row, on acc_t features (bf16/fp16 inputs are converted once, O(N·C)).
 using core::Window;
 using core::window_of;
 

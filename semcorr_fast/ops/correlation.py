@@ -537,7 +537,7 @@ def topk_retrieval(queries: Tensor, database: Tensor, k: int, *, normalize: bool
                 v = v.masked_fill(self_hit, -torch.inf)
                 i = i.masked_fill(self_hit, -1)
             if start == 0 and not exclude_self and v.shape[1] == k:  # first chunk: sorted, nothing to merge
-                vals, idx = v[:, :k].contiguous(), i[:, :k].contiguous()
+                vals, idx = v.contiguous(), i.contiguous()
                 continue
             # Running results hold lower indices than this chunk: a stable sort keeps them first on ties.
             v, order = torch.sort(torch.cat([vals, v], 1), dim=1, descending=True, stable=True)
