@@ -61,6 +61,24 @@ def test_soft_argmax_bf16_budget(benchmark, impl):
         _run(benchmark, fn)
 
 
+@pytest.mark.parametrize("kernel", ["brgemm", "avx512bf16", "off"])
+@pytest.mark.parametrize("op", ["soft_argmax", "match_topk_k1"])
+def test_bf16_tile_gemm(benchmark, kernel, op):
+    """The same bf16 op on each bf16 tile GEMM this CPU has: oneDNN's brgemm (AMX), our AVX512-BF16
+    micro-kernel, or off (bf16 → fp32 copies → sgemm). Compare with the bf16 torch.mm floor above."""
+    from semcorr_fast import _ext
+
+    benchmark.group = "bf16 60x60 C=768 by tile GEMM"
+    s, t = _feats(torch.bfloat16, 0), _feats(torch.bfloat16, 1)
+    fn = (lambda: ops.soft_argmax(s, t, TAU, HW, backend="cpu")) if op == "soft_argmax" else \
+        (lambda: ops.match_topk(s, t, 1, backend="cpu"))
+    with _ext.use_cpu_bf16_gemm(kernel) as got:
+        if got != kernel:
+            pytest.skip(f"bf16 tile GEMM '{kernel}' is not available on this CPU")
+        with torch.no_grad():
+            _run(benchmark, fn)
+
+
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 def test_soft_argmax_60_naive_fp32_vs_fused_bf16(benchmark, impl):
     benchmark.group = "soft_argmax 60x60: fused bf16 vs naive fp32"

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "common/dispatch.h"
+#include "common/tile_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "semcorr_fast native kernels (registered as torch.ops.semcorr_ext.*)";
@@ -29,6 +30,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["gemm"] = semcorr::gemm_backend_name();
     return d;
   });
+  m.def("cpu_bf16_gemm", []() { return semcorr::gemm::bf16_kernel_name(); },
+        "The CPU bf16 tile GEMM in use: brgemm (oneDNN, AMX), avx512bf16 (ours) or off (fp32 sgemm).");
+  m.def("set_cpu_bf16_gemm", [](const std::string& want) { return semcorr::gemm::set_bf16_kernel(want); },
+        "Choose the CPU bf16 tile GEMM (auto | brgemm | avx512bf16 | off); returns the one in use, "
+        "'off' when the one asked for is not available on this CPU.");
 }
 
 // The op library. Every op folder adds its schemas with TORCH_LIBRARY_FRAGMENT(semcorr_ext, m).

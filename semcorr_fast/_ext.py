@@ -6,6 +6,9 @@ dispatched by device). Python reaches them as ``torch.ops.semcorr_ext.<name>``.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 _C = None
@@ -48,3 +51,23 @@ def ops():
             f"{_ERROR}. Reinstall with a C++ compiler present (pip install --no-build-isolation .)."
         )
     return torch.ops.semcorr_ext
+
+
+def cpu_bf16_gemm() -> str:
+    """The CPU backend's bf16 tile GEMM: ``brgemm`` (oneDNN, AMX CPUs), ``avx512bf16`` (our
+    micro-kernel, AVX512-BF16 CPUs without AMX) or ``off`` (bf16 converted to fp32, then sgemm)."""
+    return _C.cpu_bf16_gemm() if _C is not None else "off"
+
+
+@contextlib.contextmanager
+def use_cpu_bf16_gemm(name: str) -> Iterator[str]:
+    """Run a block with the bf16 tile GEMM ``name`` (auto | brgemm | avx512bf16 | off); yields the one
+    in use, which is ``off`` when ``name`` is not available on this CPU. Not thread-safe with ops
+    running concurrently; for tests and benchmarks (``SEMCORR_CPU_BF16_GEMM`` sets the default)."""
+    if _C is None:
+        raise RuntimeError(f"semcorr_fast._C is not available: {_ERROR}")
+    prev = _C.cpu_bf16_gemm()
+    try:
+        yield _C.set_cpu_bf16_gemm(name)
+    finally:
+        _C.set_cpu_bf16_gemm(prev)

@@ -146,7 +146,10 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from . import _ext
+
+    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"bf16 tile GEMM: {_ext.cpu_bf16_gemm()}")
 
 
 def features(B, n, C, dtype, seed=0, grad=False):

@@ -1,9 +1,10 @@
 """The cpu backend's fp32 ``match_topk`` by bf16 screening (csrc/correlation/correlation_cpu.cpp).
 
-On CPUs with a bf16 brgemm (AMX / AVX512-BF16) fp32 top-k runs its GEMM in bf16, re-ranks the
-candidates in fp32 and certifies the answer with a rounding-error bound; rows the bound cannot certify
-go through the plain fp32 path. The answer must be the plain fp32 path's answer: same indices (up to
-fp32 rounding at exact near-ties of the two summation orders), same values to fp32 rounding.
+On CPUs with a bf16 tile GEMM (oneDNN's brgemm on AMX, our AVX512-BF16 kernel otherwise) fp32 top-k
+runs its GEMM in bf16, re-ranks the candidates in fp32 and certifies the answer with a rounding-error
+bound; rows the bound cannot certify go through the plain fp32 path. The answer must be the plain fp32
+path's answer: same indices (up to fp32 rounding at exact near-ties of the two summation orders), same
+values to fp32 rounding.
 ``SEMCORR_CPU_SCREEN=0`` is the plain path. The conformance suite runs the screened path against the
 reference on every shape; this file aims at the certificate itself.
 """
@@ -14,8 +15,8 @@ import torch
 
 from semcorr_fast import _ext, ops
 
-pytestmark = pytest.mark.skipif("brgemm-bf16" not in str(_ext.build_info().get("gemm", "")),
-                                reason="no bf16 brgemm on this CPU: fp32 top-k never screens")
+pytestmark = pytest.mark.skipif(_ext.cpu_bf16_gemm() == "off",
+                                reason="no bf16 tile GEMM on this CPU: fp32 top-k never screens")
 
 
 def _both(monkeypatch, src, tgt, k, **kw):
@@ -115,3 +116,15 @@ def test_window_soft_argmax_centres_are_the_fp32_argmax(monkeypatch, outside):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     # rows 0..9 are centred on their closer copy (cells 90..99: y = 9, x = 0..9), far from cells 50..59
     assert (outs[0][:, :10, 1] > 7).all()
+
+
+def test_tiny_raw_dots_below_the_normal_range(monkeypatch):
+    """Raw dots (normalize=False) of rows ~1e-20: every product is an fp32 subnormal, which the bf16
+    tile GEMMs flush to zero. The certificate's absolute term must send these rows to the fp32 path."""
+    g = torch.Generator().manual_seed(3)
+    src = torch.randn(1, 20, 16, generator=g) * 1e-20
+    tgt = torch.randn(1, 50, 16, generator=g) * 1e-20
+    for k in (1, 4):
+        scr, plain = _both(monkeypatch, src, tgt, k, normalize=False)
+        assert torch.equal(scr[1], plain[1])
+        torch.testing.assert_close(scr[0], plain[0], atol=0, rtol=1e-6)

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include <ATen/native/CPUBlas.h>
@@ -42,8 +43,14 @@ inline void acc_pta(int64_t m, int64_t n, int64_t K, const acc_t* P, int64_t ldp
   colmajor('N', 'T', K, n, m, acc_t(1), A, lda, P, ldp, acc_t(1), E, lde);
 }
 
-// bf16/fp16 score tiles through brgemm: targets packed per tile as [Cp/2][BN][2] (VNNI-2).
+// bf16/fp16 score tiles from targets packed per tile as [Cp/2][BN][2] (VNNI-2): oneDNN's brgemm
+// (AMX), or for bf16 our AVX512-BF16 micro-kernel (tile_gemm.cpp). can_pack: one of them exists.
 bool can_pack(c10::ScalarType dt);
+// The bf16 kernel in use: "brgemm", "avx512bf16" or "off" (bf16 → fp32 copies → sgemm). Chosen by
+// SEMCORR_CPU_BF16_GEMM (auto | brgemm | avx512bf16 | off) on first use; set_bf16_kernel overrides
+// it (for tests and benchmarks; not while an op runs) and returns what it got.
+std::string bf16_kernel_name();
+std::string set_bf16_kernel(const std::string& want);
 void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::BFloat16* A, int64_t lda,
                    const c10::BFloat16* Bpacked, float* S);
 void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::Half* A, int64_t lda,

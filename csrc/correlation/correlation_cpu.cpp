@@ -342,7 +342,8 @@ std::tuple<Tensor, Tensor> soft_argmax_bwd(const Tensor& grad, const Tensor& src
 //  4. Certificate. Rounding to bf16 moves each factor by a relative 2⁻⁸ at most (u, round to nearest),
 //     so |s̃ − s| ≤ ((1+u)² − 1) Σ|x_c r_x y_c r_y| + fp32 accumulation error
 //                ≤ (2u + u² + (C+4)·2⁻²³) · ‖x r_x‖ · ‖y r_y‖ =: δ_u  (Cauchy–Schwarz; ‖y r_y‖ ≤ its max
-//     over the batch's targets), and the same (C+4)·2⁻²³ term covers the fp32 re-rank's own error. A
+//     over the batch's targets), and the same (C+4)·2⁻²³ term covers the fp32 re-rank's own error;
+//     an absolute term covers what underflows (subnormals, flushed to zero by the tile GEMMs). A
 //     target outside a full candidate list has s̃ ≤ t (the K2-th screened value), so its fp32 score is
 //     below t + 2δ_u. When t + 2δ_u < the k-th re-ranked score, no outsider can enter the top k and the
 //     answer is exactly the fp32 one; otherwise (many near-ties) that row goes through the plain fp32
@@ -402,6 +403,10 @@ bool match_topk_screened(const Tensor& src, const Tensor& tgt, int64_t k, const 
   }
   std::vector<uint8_t> redo(size_t(B * Ns), 0);
   const float factor = float((2.0 / 256 + 1.0 / 65536 + double(C + 4) * std::ldexp(1.0, -23)) * 1.001);
+  // Below the normal range the relative bound fails: bf16 rounding of a subnormal, and the tile GEMMs
+  // flush subnormal inputs and products to zero. Each costs at most 2⁻¹²⁶ per product or per factor:
+  // ≤ 2⁻¹²⁶ (C + √C (‖x‖ + ‖y‖)) in all (‖·‖₁ ≤ √C ‖·‖₂), taken four times for margin.
+  const float tiny = 4 * std::ldexp(1.f, -126), sqrtC = std::sqrt(float(C));
   at::parallel_for(0, B * Ns, 16, [&](int64_t a, int64_t e) {
     std::vector<std::pair<float, int64_t>> cand;
     for (int64_t u = a; u < e; ++u) {
@@ -411,7 +416,7 @@ bool match_topk_screened(const Tensor& src, const Tensor& tgt, int64_t k, const 
       const float* rtb = rt.data() + b * Nt;
       const float* cvu = cv.data() + u * K2;
       const int64_t* ciu = ci.data() + u * K2;
-      const float delta = factor * ns[u] * ntmax[b];
+      const float delta = factor * ns[u] * ntmax[b] + tiny * (float(C) + sqrtC * (ns[u] + ntmax[b]));
       // Only candidates with s̃ ≥ s̃_(k) − 2δ can be in the exact top k (k of them score ≥ s̃_(k) − δ,
       // each other one below s̃ + δ): the rest are counted but not re-ranked.
       int64_t nscr = 0;
