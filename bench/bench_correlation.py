@@ -121,16 +121,17 @@ def _smooth_feats(seed, side=SIDE, c=C):
 
 @pytest.mark.parametrize("features", ["random", "smooth"])
 @pytest.mark.parametrize("impl", ["screened", "plain_fp32", "naive"])
-def test_match_topk_screening(benchmark, monkeypatch, impl, features):
-    """fp32 match_topk k=1: bf16 screening + fp32 certificate vs the plain fp32 stream (SEMCORR_CPU_SCREEN=0)."""
-    benchmark.group = f"match_topk k=1 60x60 C=768 fp32, {features} features: screening"
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_match_topk_screening(benchmark, monkeypatch, impl, features, k):
+    """fp32 match_topk: bf16 screening + fp32 certificate vs the plain fp32 stream (SEMCORR_CPU_SCREEN=0)."""
+    benchmark.group = f"match_topk k={k} 60x60 C=768 fp32, {features} features: screening"
     if features == "random":
         s, t = _feats(torch.float32, 0), _feats(torch.float32, 1)
     else:
         s = _smooth_feats(0)
         t = s + 0.5 * _smooth_feats(1)
     monkeypatch.setenv("SEMCORR_CPU_SCREEN", "0" if impl == "plain_fp32" else "1")
-    fn = (lambda: B.naive_match_topk(s, t, 1)) if impl == "naive" else (lambda: ops.match_topk(s, t, 1, backend="cpu"))
+    fn = (lambda: B.naive_match_topk(s, t, k)) if impl == "naive" else (lambda: ops.match_topk(s, t, k, backend="cpu"))
     with torch.no_grad():
         _run(benchmark, fn)
 

@@ -36,7 +36,7 @@ def _assert_same(scr, plain, tol=1e-6):
         assert torch.allclose(v1[diff], v0[diff], atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("k", [1, 3, 16, 64])
+@pytest.mark.parametrize("k", [1, 3, 16, 32])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_screened_equals_plain_fp32(monkeypatch, k, normalize):
     g = torch.Generator().manual_seed(k)
