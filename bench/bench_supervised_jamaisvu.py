@@ -22,9 +22,7 @@ or    .venv/bin/python -m pytest bench/bench_supervised_jamaisvu.py --benchmark-
 Times are best-of-``repeat`` of alternating runs (ours, naive, ours, ...) after one unmeasured call each;
 peak memory (resident memory above the level before the call) is measured first.
 """
-import argparse
 import math
-import sys
 
 import pytest
 import torch
@@ -135,37 +133,12 @@ CASES = {"proto": proto_case, "step": step_case}
 @pytest.mark.parametrize("impl", ["ours", "naive"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_jamaisvu_step(benchmark, case, impl):
-    benchmark.group = f"jamaisvu {case} 60x60"
-    ours, naive = CASES[case](60)
-    fn = ours if impl == "ours" else naive
-    fn()
-    benchmark.extra_info["peak_extra_MiB"] = B.peak_extra_mib(fn)
-    benchmark.pedantic(fn, rounds=2, iterations=1, warmup_rounds=0)
+    B.pytest_case(benchmark, f"jamaisvu {case} 60x60", CASES[case], impl)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--grids", type=int, nargs="+", default=[60, 120], help="feature grid sides (default 60 120)")
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--repeat", type=int, default=2, help="alternating timing rounds (best of)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = ap.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(f"machine: {B.machine()}")
-    print("| case (fwd+bwd, B=1, K=30, 1024 FPS points, k'=64, point map 500x375) | grid | ours ms | naive ms | "
-          "speedup | ours peak MiB | naive peak MiB | memory ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for case in args.cases:
-        for side in args.grids:
-            ours, naive = CASES[case](side)
-            ours(), naive()                                   # warm-up (thread pools, allocator, extension)
-            op, npk = B.peak_extra_mib(ours), B.peak_extra_mib(naive)
-            om, nm = B.time_pair_ms(ours, naive, repeat=args.repeat)
-            ratio = f"{op / npk:.1%}" if op is not None and npk else "n/a"
-            fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0f}"  # noqa: E731
-            print(f"| {case} | {side}x{side} | {om:.0f} | {nm:.0f} | {nm / om:.2f}x | {fmt(op)} | {fmt(npk)} | {ratio} |")
-            sys.stdout.flush()
+    B.ours_vs_naive_main(__doc__.split("\n")[0], CASES,
+                         "case (fwd+bwd, B=1, K=30, 1024 FPS points, k'=64, point map 500x375)", argv)
 
 
 if __name__ == "__main__":

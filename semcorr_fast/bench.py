@@ -6,11 +6,14 @@ argmax, another ``@``), in the input dtype.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
+import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -238,3 +241,51 @@ def main(quick: bool = True) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     print(format_table(run(quick=quick)))
     return 0
+
+
+# ----------------------------------------------------------------------------- ours vs naive, per case
+# The supervised-method benchmarks (bench/bench_supervised_*.py) share this driver: each case is
+# make(side) -> (ours, naive), two zero-argument callables doing one forward + backward.
+CaseFactory = Callable[[int], "tuple[Callable[[], object], Callable[[], object]]"]
+
+
+def pytest_case(benchmark, group: str, make: CaseFactory, impl: str, side: int = 60, rounds: int = 2) -> None:
+    """One side ("ours" or "naive") of a case under pytest-benchmark, peak memory in extra_info."""
+    ours, naive = make(side)
+    fn = ours if impl == "ours" else naive
+    fn()
+    benchmark.group = group
+    benchmark.extra_info["peak_extra_MiB"] = peak_extra_mib(fn)
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def ours_vs_naive_main(description: str, cases: dict[str, CaseFactory], header: str, argv=None,
+                       warmup_max_side: int | None = None) -> None:
+    """Command line of the supervised benchmarks: a markdown table of every case × grid side, the two
+    sides timed alternately (best of --repeat) after a warm-up call (sides ≤ warmup_max_side only, when
+    given: a large naive case may not afford two runs), peak memory measured before timing."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--grids", type=int, nargs="+", default=[60, 120], help="feature grid sides (default 60 120)")
+    ap.add_argument("--cases", nargs="+", default=list(cases), choices=list(cases))
+    ap.add_argument("--repeat", type=int, default=2, help="alternating timing rounds (best of)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    def fmt(v):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0f}"
+
+    print(f"machine: {machine()}")
+    print(f"| {header} | grid | ours ms | naive ms | speedup | ours peak MiB | naive peak MiB | memory ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for case in args.cases:
+        for side in args.grids:
+            ours, naive = cases[case](side)
+            if warmup_max_side is None or side <= warmup_max_side:
+                ours(), naive()  # warm-up (thread pools, allocator, extension)
+            op, npk = peak_extra_mib(ours), peak_extra_mib(naive)
+            om, nm = time_pair_ms(ours, naive, repeat=args.repeat)
+            ratio = f"{op / npk:.1%}" if op is not None and npk else "n/a"
+            print(f"| {case} | {side}x{side} | {om:.0f} | {nm:.0f} | {nm / om:.2f}x | {fmt(op)} | {fmt(npk)} | {ratio} |")
+            sys.stdout.flush()

@@ -2,7 +2,7 @@
 //
 //   for each (batch b, block of BM source rows)            <- at::parallel_for
 //     for each tile of BN target rows
-//       S = A_blk · B_tileᵀ          (tile GEMM, fp32 accumulate; bf16/fp16 via brgemm)
+//       S = A_blk · B_tileᵀ          (tile GEMM, fp32 accumulate; bf16/fp16 on packed tiles)
 //       S *= r_u · r_v               (fused L2 normalisation, never a normalised copy)
 //       epilogue.tile(S)             (online softmax, running top-k, row-min, ...)
 //
@@ -55,7 +55,8 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Block sizes. BN is a multiple of 32 (brgemm/AMX friendly); BM shrinks when there are too few
 // row blocks to keep every thread busy (keypoint mode: 30 query rows). bf16/fp16: 128×128 tiles
-// (measured here: the 128×768 A block and 768×128 packed B tile keep brgemm ~25 % faster than 128×512).
+// (measured: the 128×768 A block and 768×128 packed B tile keep AMX brgemm ~25 % faster than 128×512;
+// our AVX512-BF16 kernel on Zen 4 is within 3 % across BM 96–256 at BN 128, ~12 % slower at BN 256).
 struct Blocking {
   int64_t BM, BN;
   static Blocking choose(int64_t B, int64_t Ns, int64_t Nt, bool lowp) {
