@@ -21,7 +21,6 @@ unmeasured call each; peak memory (resident memory above the level before the ca
 (after a warm-up call for grids up to 60²; at larger grids the one-time allocations are negligible).
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -96,10 +95,7 @@ def loss_case(side: int = 60, d: int = 768):
 CASES = {"step": step_case, "loss": loss_case}
 
 
-@pytest.mark.parametrize("impl", ["ours", "naive"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_geoaware_step(benchmark, case, impl):
-    B.pytest_case(benchmark, f"geoaware {case} 60x60", CASES[case], impl)
+test_geoaware_step = B.pytest_cases("geoaware", CASES)
 
 
 def main(argv=None) -> None:

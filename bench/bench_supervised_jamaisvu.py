@@ -24,7 +24,6 @@ peak memory (resident memory above the level before the call) is measured first.
 """
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -130,10 +129,7 @@ def proto_case(side: int = 60, d: int = 768):
 CASES = {"proto": proto_case, "step": step_case}
 
 
-@pytest.mark.parametrize("impl", ["ours", "naive"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_jamaisvu_step(benchmark, case, impl):
-    B.pytest_case(benchmark, f"jamaisvu {case} 60x60", CASES[case], impl)
+test_jamaisvu_step = B.pytest_cases("jamaisvu", CASES)
 
 
 def main(argv=None) -> None:

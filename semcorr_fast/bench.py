@@ -249,14 +249,22 @@ def main(quick: bool = True) -> int:
 CaseFactory = Callable[[int], "tuple[Callable[[], object], Callable[[], object]]"]
 
 
-def pytest_case(benchmark, group: str, make: CaseFactory, impl: str, side: int = 60, rounds: int = 2) -> None:
-    """One side ("ours" or "naive") of a case under pytest-benchmark, peak memory in extra_info."""
-    ours, naive = make(side)
-    fn = ours if impl == "ours" else naive
-    fn()
-    benchmark.group = group
-    benchmark.extra_info["peak_extra_MiB"] = peak_extra_mib(fn)
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+def pytest_cases(name: str, cases: dict[str, CaseFactory], side: int = 60, rounds: int = 2):
+    """A pytest-benchmark test over every case × ("ours", "naive") at one grid side, peak memory in
+    extra_info; assign it to a module-level ``test_*`` name."""
+    import pytest
+
+    @pytest.mark.parametrize("impl", ["ours", "naive"])
+    @pytest.mark.parametrize("case", list(cases))
+    def test(benchmark, case, impl):
+        ours, naive = cases[case](side)
+        fn = ours if impl == "ours" else naive
+        fn()
+        benchmark.group = f"{name} {case} {side}x{side}"
+        benchmark.extra_info["peak_extra_MiB"] = peak_extra_mib(fn)
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+    return test
 
 
 def ours_vs_naive_main(description: str, cases: dict[str, CaseFactory], header: str, argv=None,
