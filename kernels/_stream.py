@@ -90,6 +90,21 @@ def inv_norm(n_ptr, offs, N):
 
 
 @triton.jit
+def batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C):
+    """Pointers into batch item ``b``: of (B, M, C) source and (B, N, C) target rows, and of their
+    per-row (B, M) / (B, N) arrays (norms, gradient dot products)."""
+    return q_ptr + b * M * C, k_ptr + b * N * C, qn_ptr + b * M, kn_ptr + b * N
+
+
+@triton.jit
+def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row and column indices of tile (pid_m, pid_n) and their in-bounds masks."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,
                 NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_C: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):

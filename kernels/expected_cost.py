@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ._config import dot_precision
-from ._stream import (LOG2E, FeatureGrads, check_features, cosine_tile, device_guard, emulate_bf16,
-                      feature_grads_from_ds, grid_xy, loss_tile_config, row_norms)
+from ._stream import (LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16,
+                      feature_grads_from_ds, FeatureGrads, grid_xy, loss_tile_config, row_norms, tile_offsets)
 
 
 @triton.jit
@@ -52,10 +52,7 @@ def _expected_cost_fwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, t_ptr, loss_ptr, lse
                               EMU_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     tx = tl.load(t_ptr + b * M * 2 + offs_m * 2, mask=m_ok, other=0.0)
@@ -99,18 +96,9 @@ def _expected_cost_bwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, t_ptr, go_ptr, loss_
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    dq_ptr += b * M * C
-    dk_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
-    qdot_ptr += b * M
-    kdot_ptr += b * N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
+    dq_ptr, dk_ptr, qdot_ptr, kdot_ptr = batch_offsets(dq_ptr, dk_ptr, qdot_ptr, kdot_ptr, b, M, N, C)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
 
     s = cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,
                     NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_C, PREC, EMU_BF16)

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ._config import SUPPORTED_DTYPES, dot_precision, row_launch, softmax_block, tile_config
-from ._stream import LOG2E, check_features, cosine_tile, device_guard, emulate_bf16, row_norms, to_dtype
+from ._stream import (LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16, row_norms,
+                      to_dtype)
 
 
 @triton.jit
@@ -28,10 +29,7 @@ def _ncc_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, out_ptr, M, N, C,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     s = cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from ._config import TileConfig, dot_precision
-from ._stream import (LOG2E, FeatureGrads, check_features, cosine_tile, device_guard, emulate_bf16,
-                      feature_grads_from_ds, loss_tile_config, row_norms, table_tile, table_tiles)
+from ._stream import (LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16,
+                      feature_grads_from_ds, FeatureGrads, loss_tile_config, row_norms, table_tile, table_tiles,
+                      tile_offsets)
 
 # Forward tiles (both forward kernels): (16-bit, fp32) as (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages).
 # 16-bit: _config's "score" tile. fp32: two exact-FMA score tiles are in flight at once (the teacher's
@@ -57,14 +58,8 @@ def _distill_fwd_kernel(tq_ptr, tk_ptr, tqn_ptr, tkn_ptr, sq_ptr, sk_ptr, sqn_pt
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    tq_ptr += b * M * CT
-    tk_ptr += b * N * CT
-    sq_ptr += b * M * CS
-    sk_ptr += b * N * CS
-    tqn_ptr += b * M
-    tkn_ptr += b * N
-    sqn_ptr += b * M
-    skn_ptr += b * N
+    tq_ptr, tk_ptr, tqn_ptr, tkn_ptr = batch_offsets(tq_ptr, tk_ptr, tqn_ptr, tkn_ptr, b, M, N, CT)
+    sq_ptr, sk_ptr, sqn_ptr, skn_ptr = batch_offsets(sq_ptr, sk_ptr, sqn_ptr, skn_ptr, b, M, N, CS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     mt = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -138,14 +133,8 @@ def _distill_l1_kernel(tq_ptr, tk_ptr, tqn_ptr, tkn_ptr, sq_ptr, sk_ptr, sqn_ptr
                        BLOCK_C: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    tq_ptr += b * M * CT
-    tk_ptr += b * N * CT
-    sq_ptr += b * M * CS
-    sk_ptr += b * N * CS
-    tqn_ptr += b * M
-    tkn_ptr += b * N
-    sqn_ptr += b * M
-    skn_ptr += b * N
+    tq_ptr, tk_ptr, tqn_ptr, tkn_ptr = batch_offsets(tq_ptr, tk_ptr, tqn_ptr, tkn_ptr, b, M, N, CT)
+    sq_ptr, sk_ptr, sqn_ptr, skn_ptr = batch_offsets(sq_ptr, sk_ptr, sqn_ptr, skn_ptr, b, M, N, CS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     row = b * M + offs_m
@@ -180,22 +169,10 @@ def _distill_bwd_kernel(tq_ptr, tk_ptr, tqn_ptr, tkn_ptr, sq_ptr, sk_ptr, sqn_pt
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    tq_ptr += b * M * CT
-    tk_ptr += b * N * CT
-    sq_ptr += b * M * CS
-    sk_ptr += b * N * CS
-    dq_ptr += b * M * CS
-    dk_ptr += b * N * CS
-    tqn_ptr += b * M
-    tkn_ptr += b * N
-    sqn_ptr += b * M
-    skn_ptr += b * N
-    qdot_ptr += b * M
-    kdot_ptr += b * N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    tq_ptr, tk_ptr, tqn_ptr, tkn_ptr = batch_offsets(tq_ptr, tk_ptr, tqn_ptr, tkn_ptr, b, M, N, CT)
+    sq_ptr, sk_ptr, sqn_ptr, skn_ptr = batch_offsets(sq_ptr, sk_ptr, sqn_ptr, skn_ptr, b, M, N, CS)
+    dq_ptr, dk_ptr, qdot_ptr, kdot_ptr = batch_offsets(dq_ptr, dk_ptr, qdot_ptr, kdot_ptr, b, M, N, CS)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
 
     st = cosine_tile(tq_ptr, tk_ptr, tqn_ptr, tkn_ptr, offs_m, offs_n, M, N, CT,
                      NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_C, PREC, EMU_BF16)

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._config import dot_precision, tile_config
-from ._stream import (LOG2E, check_features, cosine_tile, device_guard, emulate_bf16, feature_grads_from_ds,
-                      finalize_grad, grid_xy, row_norms)
+from ._stream import (LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16,
+                      feature_grads_from_ds, finalize_grad, grid_xy, row_norms, tile_offsets)
 
 
 @triton.jit
@@ -41,10 +41,7 @@ def _soft_argmax_fwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, out_ptr, lse_ptr,
                             BLOCK_C: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -90,18 +87,9 @@ def _soft_argmax_bwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, go_ptr, out_ptr, lse_p
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    dq_ptr += b * M * C
-    dk_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
-    qdot_ptr += b * M
-    kdot_ptr += b * N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
+    dq_ptr, dk_ptr, qdot_ptr, kdot_ptr = batch_offsets(dq_ptr, dk_ptr, qdot_ptr, kdot_ptr, b, M, N, C)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
 
     s = cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,
                     NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_C, PREC, EMU_BF16)

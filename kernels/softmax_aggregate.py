@@ -32,9 +32,9 @@ import triton
 import triton.language as tl
 
 from ._config import TileConfig, dot_precision, interpreting
-from ._stream import (INTERP_LOSS_TILE, LOG2E, FeatureGrads, check_features, cosine_tile, device_guard,
-                      emulate_bf16, feature_grads_from_ds, loss_tile_config, mma, row_norms, table_tile,
-                      table_tiles, to_dtype)
+from ._stream import (INTERP_LOSS_TILE, LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16,
+                      feature_grads_from_ds, FeatureGrads, loss_tile_config, mma, row_norms, table_tile, table_tiles,
+                      tile_offsets, to_dtype)
 
 # Forward tiles per BLOCK_V bucket: (16-bit (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages[, maxnreg]),
 # fp32 (...)). The (BLOCK_M, BLOCK_V) fp32 accumulator lives in registers beside the score tile, so
@@ -77,10 +77,7 @@ def _aggregate_fwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, v_ptr, out_ptr, lse_ptr,
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
     v_ptr += b * N * CV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -126,21 +123,12 @@ def _aggregate_bwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, v_ptr, go_ptr, d_ptr, ls
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    dq_ptr += b * M * C
-    dk_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
-    qdot_ptr += b * M
-    kdot_ptr += b * N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
+    dq_ptr, dk_ptr, qdot_ptr, kdot_ptr = batch_offsets(dq_ptr, dk_ptr, qdot_ptr, kdot_ptr, b, M, N, C)
     v_ptr += b * N * CV
     dv_ptr += b * N * CV
     go_ptr += b * M * CV
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     valid = m_ok[:, None] & n_ok[None, :]
 
     # Three phases, ordered to keep few tiles live at once (the first version, with dP and dV in

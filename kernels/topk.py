@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._config import TOPK_MAX_K, dot_precision, row_blocks, row_launch, tile_config, topk_config, topk_kp
-from ._stream import check_features, cosine_tile, device_guard, first_max, row_norms, emulate_bf16
+from ._stream import batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16, first_max, row_norms
 
 _KEY_EMPTY = -(2 ** 63)
 
@@ -71,10 +71,7 @@ def _argmax_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, tmask_ptr, val_ptr, idx_ptr, co
                    BLOCK_C: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
     tmask_ptr += b * N
     colkey_ptr += b * N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,10 +104,7 @@ def _topk_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, tmask_ptr, val_ptr, idx_ptr,
                  PREC: tl.constexpr, EMU_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    q_ptr += b * M * C
-    k_ptr += b * N * C
-    qn_ptr += b * M
-    kn_ptr += b * N
+    q_ptr, k_ptr, qn_ptr, kn_ptr = batch_offsets(q_ptr, k_ptr, qn_ptr, kn_ptr, b, M, N, C)
     tmask_ptr += b * N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.arange(0, KP)
