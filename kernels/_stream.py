@@ -118,6 +118,21 @@ def cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,
 
 
 @triton.jit
+def online_softmax_step(s, offs_n, N, scale2, m_i, n_nan):
+    """One target tile of the streaming softmax in base 2 (z = s·scale2, scale2 = log2(e)/τ): returns
+    p = 2^(z − m_new), alpha = 2^(m_i − m_new) (rescales the running sums), m_new and the running count
+    of NaN scores (a row with any gets NaN); NaN scores and columns past N are left out of p."""
+    z = s * scale2
+    col_ok = (offs_n < N)[None, :]
+    n_nan += tl.sum((col_ok & (z != z)).to(tl.int32), axis=1)
+    z = tl.where(col_ok & (z == z), z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(z - m_new[:, None])
+    return p, alpha, m_new, n_nan
+
+
+@triton.jit
 def grid_xy(offs_n, W):
     """Coordinates (x, y) = (v mod W, v // W) of the target cells ``offs_n``, in fp32."""
     return (offs_n % W).to(tl.float32), (offs_n // W).to(tl.float32)

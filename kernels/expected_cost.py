@@ -25,7 +25,8 @@ import triton.language as tl
 
 from ._config import dot_precision
 from ._stream import (LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16,
-                      feature_grads_from_ds, FeatureGrads, grid_xy, loss_tile_config, row_norms, tile_offsets)
+                      feature_grads_from_ds, FeatureGrads, grid_xy, loss_tile_config, online_softmax_step, row_norms,
+                      tile_offsets)
 
 
 @triton.jit
@@ -66,13 +67,7 @@ def _expected_cost_fwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, t_ptr, loss_ptr, lse
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,
                         NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_C, PREC, EMU_BF16)
-        z = s * scale2
-        col_ok = (offs_n < N)[None, :]
-        n_nan += tl.sum((col_ok & (z != z)).to(tl.int32), axis=1)
-        z = tl.where(col_ok & (z == z), z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
+        p, alpha, m_new, n_nan = online_softmax_step(s, offs_n, N, scale2, m_i, n_nan)
         d = _cost(tx, ty, offs_n, W, half_p, POW)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         c_i = c_i * alpha + tl.sum(p * d, axis=1)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._config import dot_precision, tile_config
 from ._stream import (LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16,
-                      feature_grads_from_ds, finalize_grad, grid_xy, row_norms, tile_offsets)
+                      feature_grads_from_ds, finalize_grad, grid_xy, online_softmax_step, row_norms, tile_offsets)
 
 
 @triton.jit
@@ -53,13 +53,7 @@ def _soft_argmax_fwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, out_ptr, lse_ptr,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,
                         NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_C, PREC, EMU_BF16)
-        z = s * scale2
-        col_ok = (offs_n < N)[None, :]
-        n_nan += tl.sum((col_ok & (z != z)).to(tl.int32), axis=1)
-        z = tl.where(col_ok & (z == z), z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
+        p, alpha, m_new, n_nan = online_softmax_step(s, offs_n, N, scale2, m_i, n_nan)
         gx, gy = grid_xy(offs_n, W)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc_x = acc_x * alpha + tl.sum(p * gx[None, :], axis=1)

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from ._config import TileConfig, dot_precision, interpreting
 from ._stream import (INTERP_LOSS_TILE, LOG2E, batch_offsets, check_features, cosine_tile, device_guard, emulate_bf16,
-                      feature_grads_from_ds, FeatureGrads, loss_tile_config, mma, row_norms, table_tile, table_tiles,
-                      tile_offsets, to_dtype)
+                      feature_grads_from_ds, FeatureGrads, loss_tile_config, mma, online_softmax_step, row_norms,
+                      table_tile, table_tiles, tile_offsets, to_dtype)
 
 # Forward tiles per BLOCK_V bucket: (16-bit (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages[, maxnreg]),
 # fp32 (...)). The (BLOCK_M, BLOCK_V) fp32 accumulator lives in registers beside the score tile, so
@@ -92,13 +92,7 @@ def _aggregate_fwd_kernel(q_ptr, k_ptr, qn_ptr, kn_ptr, v_ptr, out_ptr, lse_ptr,
         n_ok = offs_n < N
         s = cosine_tile(q_ptr, k_ptr, qn_ptr, kn_ptr, offs_m, offs_n, M, N, C,
                         NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_C, PREC, EMU_BF16)
-        z = s * scale2
-        col_ok = n_ok[None, :]
-        n_nan += tl.sum((col_ok & (z != z)).to(tl.int32), axis=1)
-        z = tl.where(col_ok & (z == z), z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
+        p, alpha, m_new, n_nan = online_softmax_step(s, offs_n, N, scale2, m_i, n_nan)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_ptr + offs_n[:, None] * CV + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)
         acc = mma(to_dtype(p, v_ptr.dtype.element_ty, EMU_BF16_V), vt, acc * alpha[:, None], PREC_V, EMU_BF16_V)
