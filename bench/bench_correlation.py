@@ -81,6 +81,25 @@ def test_bf16_tile_gemm(benchmark, kernel, op):
             _run(benchmark, fn)
 
 
+@pytest.mark.parametrize("impl", ["fused", "fused_fp32_grad_gemms", "naive"])
+@pytest.mark.parametrize("dt", list(DT))
+def test_soft_argmax_fwd_bwd_60(benchmark, monkeypatch, dt, impl):
+    """Forward + backward (a training step's loss). bf16 "fused": the backward's three tile GEMMs in bf16
+    (stream_backward_bf16, where the AVX512-BF16 kernel is in use); "fused_fp32_grad_gemms": the same
+    op with SEMCORR_CPU_BF16_BWD=0 (fp32 backward on converted inputs; for fp32 both are the same)."""
+    benchmark.group = f"soft_argmax fwd+bwd 60x60 C=768 {dt}"
+    s, t = _feats(DT[dt], 0, grad=True), _feats(DT[dt], 1, grad=True)
+    monkeypatch.setenv("SEMCORR_CPU_BF16_BWD", "0" if impl == "fused_fp32_grad_gemms" else "1")
+    fwd = (lambda: B.naive_soft_argmax(s, t, TAU, HW)) if impl == "naive" else \
+        (lambda: ops.soft_argmax(s, t, TAU, HW, backend="cpu"))
+
+    def fn():
+        s.grad = t.grad = None
+        fwd().float().sum().backward()
+
+    _run(benchmark, fn, rounds=3)
+
+
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 def test_soft_argmax_60_naive_fp32_vs_fused_bf16(benchmark, impl):
     benchmark.group = "soft_argmax 60x60: fused bf16 vs naive fp32"

@@ -39,6 +39,7 @@ SHAPES = [
     (1, 37, (5, 7), 19),
     (3, 70, (9, 13), 33),
     (2, 200, (29, 31), 20),  # crosses the default fp32 tiles (192 rows × 768 targets)
+    (2, 150, (11, 14), 64),  # C a multiple of 32: bf16 backward with bf16 gradient GEMMs (cpu)
 ]
 TRITON_SHAPES = SHAPES[:4]
 
@@ -489,7 +490,7 @@ def test_no_ns_by_nt_matrix_forward_and_backward():
 
 
 # ============================================================================= training-loss family
-LOSS_SHAPES = SHAPES[:4] + [(2, 150, (17, 19), 12)]
+LOSS_SHAPES = SHAPES[:4] + [(2, 150, (17, 19), 12), (2, 130, (9, 15), 64)]
 
 
 def skip_loss(backend, dtype, fn, si=0):

@@ -68,3 +68,66 @@ def test_choice_is_reported_and_validated():
     with pytest.raises(RuntimeError, match="auto, brgemm, avx512bf16, off"):
         with _ext.use_cpu_bf16_gemm("amx-please"):
             pass
+
+
+# ---------------------------------------------------------------- bf16 backward (stream_backward_bf16)
+# With our AVX512-BF16 kernel, bf16 inputs run all three tile GEMMs of the backward in bf16 (dS rounded
+# to bf16 once); SEMCORR_CPU_BF16_BWD=0 is the fp32 path. Both must be within bf16 accuracy of the
+# float64 reference; the bf16 path must be the one taken where it applies (C a multiple of 32).
+
+def _grads(fn, *xs):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    fn(*xs).float().pow(2).sum().backward()
+    return [x.grad for x in xs]
+
+
+def _loss_fns(hw):
+    H, W = hw
+    txy = torch.rand(2, 150, 2, generator=torch.Generator().manual_seed(5)) * torch.tensor([W - 1.0, H - 1.0])
+
+    def xy(a):  # the target coordinates in the op's coordinate dtype (fp64 for the fp64 reference)
+        return txy.double() if a.dtype == torch.float64 else txy
+
+    return {
+        "soft_argmax": lambda a, b, be: ops.soft_argmax(a, b, 0.05, hw, backend=be),
+        "soft_argmax_raw": lambda a, b, be: ops.soft_argmax(a, b, 4.0, hw, normalize=False, backend=be),
+        "expected_cost": lambda a, b, be: ops.expected_cost(a, b, 0.05, xy(a), hw, backend=be),
+        "distill_ce": lambda a, b, be: ops.rowsoftmax_distill(a.detach(), b.detach(), a, b, 0.04, 0.05, loss="ce",
+                                                              backend=be),
+    }
+
+
+@pytest.mark.parametrize("op", ["soft_argmax", "soft_argmax_raw", "expected_cost", "distill_ce"])
+def test_bf16_backward_paths(monkeypatch, op):
+    hw = (12, 13)
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(2, 150, 64, generator=g).bfloat16()
+    tgt = torch.randn(2, hw[0] * hw[1], 64, generator=g).bfloat16()
+    fn = _loss_fns(hw)[op]
+    ref = _grads(lambda a, b: fn(a, b, "reference"), src.double(), tgt.double())
+    monkeypatch.setenv("SEMCORR_CPU_BF16_BWD", "1")
+    fast = _grads(lambda a, b: fn(a, b, "cpu"), src, tgt)
+    monkeypatch.setenv("SEMCORR_CPU_BF16_BWD", "0")
+    plain = _grads(lambda a, b: fn(a, b, "cpu"), src, tgt)
+    for f, p, r in zip(fast, plain, ref):
+        assert f.dtype == torch.bfloat16
+        scale = r.abs().max().item()
+        assert (f.double() - r).abs().max().item() <= 1.5e-2 * scale
+        assert (p.double() - r).abs().max().item() <= 1.5e-2 * scale
+    if _ext.cpu_bf16_gemm() == "avx512bf16":  # the bf16 GEMMs ran: not the fp32 path's bits
+        assert any(not torch.equal(f, p) for f, p in zip(fast, plain))
+
+
+def test_bf16_backward_falls_back_where_it_does_not_apply(monkeypatch):
+    """C not a multiple of 32, or fewer row blocks than threads (keypoint rows): the fp32 path, bitwise."""
+    g = torch.Generator().manual_seed(2)
+    for ns, c in ((150, 40), (1, 64)):
+        src = torch.randn(1, ns, c, generator=g).bfloat16()
+        tgt = torch.randn(1, 100, c, generator=g).bfloat16()
+        fn = lambda a, b: ops.soft_argmax(a, b, 0.05, (10, 10), backend="cpu")  # noqa: E731
+        monkeypatch.setenv("SEMCORR_CPU_BF16_BWD", "1")
+        fast = _grads(fn, src, tgt)
+        monkeypatch.setenv("SEMCORR_CPU_BF16_BWD", "0")
+        plain = _grads(fn, src, tgt)
+        for f, p in zip(fast, plain):
+            assert torch.equal(f, p)

@@ -116,7 +116,13 @@ std::tuple<Tensor, Tensor> run_backward(const Tensor& src, const Tensor& tgt, bo
   const Tensor s = src.to(acc_dt).contiguous(), t = tgt.to(acc_dt).contiguous();
   auto in = make_input<acc_t>(s, t, normalize);
   Tensor dsh = at::zeros_like(s), dth = at::zeros_like(t);
-  stream_backward<acc_t>(in, epi, dsh.data_ptr<acc_t>(), dth.data_ptr<acc_t>());
+  bool done = false;
+  if constexpr (std::is_same_v<acc_t, float>) {  // bf16 inputs: the gradient GEMMs in bf16 where they can
+    if (src.scalar_type() == at::kBFloat16 && tgt.scalar_type() == at::kBFloat16)
+      done = stream_backward_bf16(make_input<c10::BFloat16>(src.contiguous(), tgt.contiguous(), normalize), epi,
+                                  dsh.data_ptr<float>(), dth.data_ptr<float>());
+  }
+  if (!done) stream_backward<acc_t>(in, epi, dsh.data_ptr<acc_t>(), dth.data_ptr<acc_t>());
   Tensor ds = at::empty_like(s), dt = at::empty_like(t);
   norm_backward<acc_t>(s.data_ptr<acc_t>(), in.rs.data(), dsh.data_ptr<acc_t>(), ds.data_ptr<acc_t>(),
                        in.B * in.Ns, in.C, normalize);

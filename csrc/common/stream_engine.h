@@ -417,6 +417,104 @@ void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_h
   }
 }
 
+// bf16 inputs on the bf16 kernel that can accumulate (gemm::bf16_gemm_acc): all three tile GEMMs of
+// the single-pass backward in bf16 with fp32 accumulation. S is recomputed exactly as the forward
+// computed it; dS is rounded to bf16 once, the normalisation scales folded in before rounding, for
+//   dÂ_blk += bf16(dS ∘ r_v) · B_tile        dB̂_tile += bf16(dS ∘ r_u)ᵀ · A_blk
+// on the raw rows, packed once per call with pairs along the reduction (gemm::pack_rows_vnni). The
+// gradients are bf16 tensors in the end, so the one extra rounding is of their own order (the Triton
+// backward also runs these GEMMs on bf16 operands). Returns false, having done nothing, where it does
+// not apply: no such kernel, C not a multiple of 32, an epilogue with per-target accumulations, fewer
+// row blocks than threads, per-thread buffers over SEMCORR_CPU_BWD_BUFFER_MB, SEMCORR_CPU_BF16_BWD=0.
+// out[j] = row[j] · (col ? col[j] : 1) · k for j < n.
+inline void scaled_row(const float* row, const float* col, float k, float* out, int64_t n) {
+  using V = Vectorized<float>;
+  const V vk(k);
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size())
+    (col ? V::loadu(row + j) * V::loadu(col + j) * vk : V::loadu(row + j) * vk).store(out + j);
+  for (; j < n; ++j) out[j] = row[j] * (col ? col[j] : 1.f) * k;
+}
+
+template <typename Epi>
+bool stream_backward_bf16(const StreamInput<c10::BFloat16>& in, const Epi& epi, float* dsrc_hat, float* dtgt_hat) {
+  using T = c10::BFloat16;
+  const char* env = std::getenv("SEMCORR_CPU_BF16_BWD");
+  if (env && *env && std::atoi(env) == 0) return false;
+  if (needs_target_accum<Epi>::value || !dsrc_hat || !dtgt_hat || !gemm::have_bf16_gemm_acc()) return false;
+  const int64_t C = in.C;
+  if (in.Ns == 0 || in.Nt == 0 || C % 32 != 0) return false;
+  const Blocking blk = Blocking::choose(1, in.Ns, in.Nt, true);
+  const int64_t BM = round_up(blk.BM, 2), BN = blk.BN, NT = at::get_num_threads();
+  const int64_t nblk = ceil_div(in.Ns, BM), ntile = ceil_div(in.Nt, BN);
+  const double buf_mb = double(NT) * in.Nt * C * sizeof(float) / (1 << 20);
+  if (nblk < NT || buf_mb > double(env_int("SEMCORR_CPU_BWD_BUFFER_MB", 512))) return false;
+  const detail::ScoreTiles<T> tiles(in, BN);
+  if (!tiles.packed) return false;
+  std::vector<T> tpk(size_t(in.B) * ntile * BN * C), spk(size_t(in.B) * nblk * BM * C);
+  at::parallel_for(0, in.B * ntile, 1, [&](int64_t a, int64_t e) {
+    for (int64_t it = a; it < e; ++it) {
+      const int64_t b = it / ntile, c0 = (it % ntile) * BN;
+      gemm::pack_rows_vnni<T>(in.tgt + (b * in.Nt + c0) * C, std::min(BN, in.Nt - c0), C, BN,
+                              tpk.data() + it * BN * C);
+    }
+  });
+  at::parallel_for(0, in.B * nblk, 1, [&](int64_t a, int64_t e) {
+    for (int64_t it = a; it < e; ++it) {
+      const int64_t b = it / nblk, r0 = (it % nblk) * BM;
+      gemm::pack_rows_vnni<T>(in.src + (b * in.Ns + r0) * C, std::min(BM, in.Ns - r0), C, BM,
+                              spk.data() + it * BM * C);
+    }
+  });
+  std::vector<std::vector<float>> dk(NT);
+  for (int64_t b = 0; b < in.B; ++b) {
+    std::vector<char> used(NT, 0);
+    at::parallel_for(0, nblk, 1, [&](int64_t w0, int64_t w1) {
+      const int t = at::get_thread_num();
+      if (!used[t]) {
+        dk[t].assign(size_t(in.Nt) * C, 0.f);
+        used[t] = 1;
+      }
+      std::vector<float> S(size_t(BM) * BN), tmp(BN);
+      std::vector<T> d1(size_t(BM) * BN), d2t(size_t(BN) * BM), tmpb(BN);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t r0 = w * BM, m = std::min(BM, in.Ns - r0);
+        const float* rsb = in.rs.data() + b * in.Ns + r0;
+        if (m < BM) std::fill(d2t.begin(), d2t.end(), T(0.f));  // reduction rows ≥ m stay zero
+        for (int64_t t2 = 0; t2 < ntile; ++t2) {
+          const int64_t c0 = t2 * BN, n = std::min(BN, in.Nt - c0);
+          const float* rtb = in.rt.data() + b * in.Nt + c0;
+          tiles.scores(b, r0, m, t2, S.data());
+          if (in.normalize) scale_tile<float>(S.data(), BN, m, n, rsb, rtb);
+          epi.grad(b, r0, m, c0, n, S.data(), BN, false);
+          for (int64_t i = 0; i < m; ++i) {  // d1 = bf16(dS ∘ r_v), d2t = bf16(dS ∘ r_u)ᵀ (vector rounding)
+            const float* row = S.data() + i * BN;
+            T* o1 = d1.data() + i * BN;
+            scaled_row(row, rtb, 1.f, tmp.data(), n);
+            at::vec::convert(tmp.data(), o1, n);
+            std::fill(o1 + n, o1 + BN, T(0.f));
+            scaled_row(row, nullptr, rsb[i], tmp.data(), n);
+            at::vec::convert(tmp.data(), tmpb.data(), n);
+            for (int64_t j = 0; j < n; ++j) d2t[j * BM + i] = tmpb[j];
+          }
+          gemm::bf16_gemm_acc(m, C, BN, d1.data(), BN, tpk.data() + (b * ntile + t2) * BN * C,
+                              dsrc_hat + (b * in.Ns + r0) * C, C);
+          gemm::bf16_gemm_acc(n, C, BM, d2t.data(), BM, spk.data() + (b * nblk + w) * BM * C,
+                              dk[t].data() + c0 * C, C);
+        }
+      }
+    });
+    float* out = dtgt_hat + b * in.Nt * C;
+    at::parallel_for(0, in.Nt * C, 4096, [&](int64_t a, int64_t e) {
+      for (int t = 0; t < NT; ++t)
+        if (used[t])
+          for (int64_t i = a; i < e; ++i) out[i] += dk[t][i];
+    });
+  }
+  tiles.release();
+  return true;
+}
+
 // Through the normalisation x̂ = x·r, r = 1/max(‖x‖, ε) (math.md):
 //   ‖x‖ > ε: dx = r·(dx̂ − x̂⟨x̂, dx̂⟩);   ‖x‖ ≤ ε: dx = r·dx̂.   Without normalisation dx = dx̂.
 template <typename acc_t>

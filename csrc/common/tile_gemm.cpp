@@ -126,15 +126,16 @@ const char* bf16_kernel_name(Bf16Kernel k) {
 }
 
 #if defined(SEMCORR_AVX512BF16)
-// One MR×(16·NV) block of S over the whole reduction: MR·NV fp32 accumulators stay in registers;
-// per channel pair, NV vectors of B are loaded once and each of the MR rows of A is broadcast once
-// (one 32-bit load of its channel pair). MR = 6, NV = 4 uses 24 + 4 + 1 of the 32 zmm registers.
-template <int MR, int NV>
+// One MR×(16·NV) block of C over the whole reduction: MR·NV fp32 accumulators stay in registers;
+// per reduction pair, NV vectors of B are loaded once and each of the MR rows of A is broadcast once
+// (one 32-bit load of its pair). MR = 6, NV = 4 uses 24 + 4 + 1 of the 32 zmm registers. With ACC the
+// accumulators start from C (C += A·B), else from zero (C = A·B).
+template <int MR, int NV, bool ACC>
 inline void bf16_micro(int64_t K2, const uint16_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
                        float* S, int64_t lds) {
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) acc[i][j] = ACC ? _mm512_loadu_ps(S + i * lds + 16 * j) : _mm512_setzero_ps();
   for (int64_t k = 0; k < K2; ++k) {
     __m512bh b[NV];
     for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(B + k * ldb + 16 * j);
@@ -149,34 +150,35 @@ inline void bf16_micro(int64_t K2, const uint16_t* A, int64_t lda, const uint32_
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(S + i * lds + 16 * j, acc[i][j]);
 }
 
-template <int NV>
+template <int NV, bool ACC>
 void bf16_panel(int64_t m, int64_t K2, const uint16_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
                 float* S, int64_t lds) {
   constexpr int MR = 6;
   int64_t i = 0;
-  for (; i + MR <= m; i += MR) bf16_micro<MR, NV>(K2, A + i * lda, lda, B, ldb, S + i * lds, lds);
+  for (; i + MR <= m; i += MR) bf16_micro<MR, NV, ACC>(K2, A + i * lda, lda, B, ldb, S + i * lds, lds);
   const uint16_t* a = A + i * lda;
   float* s = S + i * lds;
   switch (m - i) {
-    case 5: bf16_micro<5, NV>(K2, a, lda, B, ldb, s, lds); break;
-    case 4: bf16_micro<4, NV>(K2, a, lda, B, ldb, s, lds); break;
-    case 3: bf16_micro<3, NV>(K2, a, lda, B, ldb, s, lds); break;
-    case 2: bf16_micro<2, NV>(K2, a, lda, B, ldb, s, lds); break;
-    case 1: bf16_micro<1, NV>(K2, a, lda, B, ldb, s, lds); break;
+    case 5: bf16_micro<5, NV, ACC>(K2, a, lda, B, ldb, s, lds); break;
+    case 4: bf16_micro<4, NV, ACC>(K2, a, lda, B, ldb, s, lds); break;
+    case 3: bf16_micro<3, NV, ACC>(K2, a, lda, B, ldb, s, lds); break;
+    case 2: bf16_micro<2, NV, ACC>(K2, a, lda, B, ldb, s, lds); break;
+    case 1: bf16_micro<1, NV, ACC>(K2, a, lda, B, ldb, s, lds); break;
     default: break;
   }
 }
 
-// S(m×BN) = A(m×Cp) · Bpacked; BN a multiple of 32 (panels of 64 columns, then one of 32).
-void avx512bf16_scores(int64_t m, int64_t BN, int64_t Cp, const c10::BFloat16* A, int64_t lda,
-                       const c10::BFloat16* Bp, float* S) {
+// C(m×N) (+)= A(m×Kp) · Bpacked([Kp/2][N][2]); N a multiple of 32 (panels of 64 columns, then 32).
+template <bool ACC>
+void avx512bf16_gemm(int64_t m, int64_t N, int64_t Kp, const c10::BFloat16* A, int64_t lda,
+                     const c10::BFloat16* Bp, float* C, int64_t ldc) {
   const auto* a = reinterpret_cast<const uint16_t*>(A);
   const auto* b = reinterpret_cast<const uint32_t*>(Bp);
-  const int64_t K2 = Cp / 2;
+  const int64_t K2 = Kp / 2;
   int64_t j = 0;
-  for (; j + 64 <= BN; j += 64) bf16_panel<4>(m, K2, a, lda, b + j, BN, S + j, BN);
-  for (; j + 32 <= BN; j += 32) bf16_panel<2>(m, K2, a, lda, b + j, BN, S + j, BN);
-  TORCH_CHECK(j == BN, "avx512bf16_scores: BN must be a multiple of 32, got ", BN);
+  for (; j + 64 <= N; j += 64) bf16_panel<4, ACC>(m, K2, a, lda, b + j, N, C + j, ldc);
+  for (; j + 32 <= N; j += 32) bf16_panel<2, ACC>(m, K2, a, lda, b + j, N, C + j, ldc);
+  TORCH_CHECK(j == N, "avx512bf16_gemm: N must be a multiple of 32, got ", N);
 }
 #endif
 
@@ -198,10 +200,22 @@ bool can_pack(c10::ScalarType dt) {
 void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::BFloat16* A, int64_t lda,
                    const c10::BFloat16* Bp, float* S) {
 #if defined(SEMCORR_AVX512BF16)
-  if (bf16_kernel() == Bf16Kernel::kAvx512) return avx512bf16_scores(m, BN, Cp, A, lda, Bp, S);
+  if (bf16_kernel() == Bf16Kernel::kAvx512) return avx512bf16_gemm<false>(m, BN, Cp, A, lda, Bp, S, BN);
 #endif
   at::native::cpublas::brgemm(m, BN, Cp, lda, BN, BN, false, A, Bp, S, true);
 }
+bool bf16_gemm_acc(int64_t m, int64_t N, int64_t Kp, const c10::BFloat16* A, int64_t lda,
+                   const c10::BFloat16* Bp, float* C, int64_t ldc) {
+#if defined(SEMCORR_AVX512BF16)
+  if (bf16_kernel() != Bf16Kernel::kAvx512 || N % 32 != 0 || Kp % 2 != 0) return false;
+  avx512bf16_gemm<true>(m, N, Kp, A, lda, Bp, C, ldc);
+  return true;
+#else
+  return false;
+#endif
+}
+bool have_bf16_gemm_acc() { return bf16_kernel() == Bf16Kernel::kAvx512; }
+
 void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::Half* A, int64_t lda,
                    const c10::Half* Bp, float* S) {
   at::native::cpublas::brgemm(m, BN, Cp, lda, BN, BN, false, A, Bp, S, true);

@@ -56,6 +56,28 @@ void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::BFloat16* A, in
 void brgemm_scores(int64_t m, int64_t BN, int64_t Cp, const c10::Half* A, int64_t lda,
                    const c10::Half* Bpacked, float* S);
 void brgemm_release();
+// C(m×N) += A(m×Kp) · Bp, Bp packed [Kp/2][N][2] (pairs along the reduction), fp32 accumulation, on
+// our AVX512-BF16 kernel; N a multiple of 32, Kp even. Returns false (and does nothing) where that
+// kernel is not the one in use: the bf16 backward's gradient GEMMs (stream_engine.h) then take fp32.
+bool bf16_gemm_acc(int64_t m, int64_t N, int64_t Kp, const c10::BFloat16* A, int64_t lda,
+                   const c10::BFloat16* Bp, float* C, int64_t ldc);
+bool have_bf16_gemm_acc();
+// Pack rows [0, n) of X (n×C row-major) as the B operand of a product that reduces over those rows:
+// [BNp/2][C][2] with out[(k2·C + c)·2 + e] = X[2·k2 + e][c], zero for rows ≥ n.
+template <typename T>
+inline void pack_rows_vnni(const T* X, int64_t n, int64_t C, int64_t BNp, T* out) {
+  static_assert(sizeof(T) == 2, "VNNI-2 packing is for 16-bit types");
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(X);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out);
+  for (int64_t k2 = 0; k2 < BNp / 2; ++k2) {
+    const int64_t r0 = 2 * k2, r1 = 2 * k2 + 1;
+    uint16_t* o = dst + k2 * C * 2;
+    for (int64_t c = 0; c < C; ++c) {
+      o[2 * c] = r0 < n ? src[r0 * C + c] : uint16_t(0);
+      o[2 * c + 1] = r1 < n ? src[r1 * C + c] : uint16_t(0);
+    }
+  }
+}
 
 // Pack rows [0, n) of B (n×C, row-major, ld C) into one VNNI tile [Cp/2][BN][2], zero padded.
 // Blocks of 16 rows: each row's cache lines stay in L1 while its channel pairs are scattered, and
