@@ -321,6 +321,32 @@ struct needs_target_accum : std::false_type {};
 template <typename Epi>
 struct needs_target_accum<Epi, std::void_t<decltype(Epi::kTargetAccum)>> : std::bool_constant<Epi::kTargetAccum> {};
 
+// The single-pass backward's per-thread Nt×C buffers for dB̂ (each thread owns row blocks, so every
+// thread touches every target): zeroed on a thread's first block of a batch item, then summed.
+template <typename acc_t>
+struct ThreadTargetGrads {
+  int64_t size;
+  std::vector<std::vector<acc_t>> buf;
+  std::vector<char> used;
+  ThreadTargetGrads(int64_t threads, int64_t n) : size(n), buf(threads), used(threads, 0) {}
+  void begin() { std::fill(used.begin(), used.end(), 0); }
+  acc_t* mine() {  // inside at::parallel_for
+    const int t = at::get_thread_num();
+    if (!used[t]) {
+      buf[t].assign(size_t(size), acc_t(0));
+      used[t] = 1;
+    }
+    return buf[t].data();
+  }
+  void add_to(acc_t* out) const {
+    at::parallel_for(0, size, 4096, [&](int64_t a, int64_t e) {
+      for (size_t t = 0; t < buf.size(); ++t)
+        if (used[t])
+          for (int64_t i = a; i < e; ++i) out[i] += buf[t][i];
+    });
+  }
+};
+
 template <typename acc_t, typename Epi>
 void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_hat, acc_t* dtgt_hat) {
   if (in.Ns == 0 || in.Nt == 0) return;
@@ -332,15 +358,11 @@ void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_h
                       ceil_div(in.Ns, blk.BM) >= T && buf_mb <= double(env_int("SEMCORR_CPU_BWD_BUFFER_MB", 512));
   if (single) {
     const int64_t BM = blk.BM, BN = blk.BN, nblk = ceil_div(in.Ns, BM), ntile = ceil_div(in.Nt, BN);
-    std::vector<std::vector<acc_t>> dk(T);
+    ThreadTargetGrads<acc_t> dk(T, in.Nt * C);
     for (int64_t b = 0; b < in.B; ++b) {
-      std::vector<char> used(T, 0);
+      dk.begin();
       at::parallel_for(0, nblk, 1, [&](int64_t w0, int64_t w1) {
-        const int t = at::get_thread_num();
-        if (!used[t]) {
-          dk[t].assign(size_t(in.Nt) * C, acc_t(0));
-          used[t] = 1;
-        }
+        acc_t* dkt = dk.mine();
         std::vector<acc_t> S(size_t(BM) * BN), Ah(size_t(BM) * C);
         for (int64_t w = w0; w < w1; ++w) {
           const int64_t r0 = w * BM, m = std::min(BM, in.Ns - r0);
@@ -355,18 +377,13 @@ void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_h
             gemm::scores<acc_t>(m, n, C, A, C, Bt, C, S.data(), BN);
             if (in.normalize) scale_tile<acc_t>(S.data(), BN, m, n, rsb, rtb);
             epi.grad(b, r0, m, c0, n, S.data(), BN, false);
-            gemm::acc_pta<acc_t>(m, n, C, S.data(), BN, in.normalize ? Ah.data() : A, C, dk[t].data() + c0 * C, C);
+            gemm::acc_pta<acc_t>(m, n, C, S.data(), BN, in.normalize ? Ah.data() : A, C, dkt + c0 * C, C);
             if (in.normalize) scale_cols<acc_t>(S.data(), BN, m, n, rtb);
             gemm::acc_pb<acc_t>(m, n, C, S.data(), BN, Bt, C, dsrc_hat + (b * in.Ns + r0) * C, C);
           }
         }
       });
-      acc_t* out = dtgt_hat + b * in.Nt * C;
-      at::parallel_for(0, in.Nt * C, 4096, [&](int64_t a, int64_t e) {
-        for (int t = 0; t < T; ++t)
-          if (used[t])
-            for (int64_t i = a; i < e; ++i) out[i] += dk[t][i];
-      });
+      dk.add_to(dtgt_hat + b * in.Nt * C);
     }
     return;
   }
@@ -466,15 +483,11 @@ bool stream_backward_bf16(const StreamInput<c10::BFloat16>& in, const Epi& epi, 
                               spk.data() + it * BM * C);
     }
   });
-  std::vector<std::vector<float>> dk(NT);
+  ThreadTargetGrads<float> dk(NT, in.Nt * C);
   for (int64_t b = 0; b < in.B; ++b) {
-    std::vector<char> used(NT, 0);
+    dk.begin();
     at::parallel_for(0, nblk, 1, [&](int64_t w0, int64_t w1) {
-      const int t = at::get_thread_num();
-      if (!used[t]) {
-        dk[t].assign(size_t(in.Nt) * C, 0.f);
-        used[t] = 1;
-      }
+      float* dkt = dk.mine();
       std::vector<float> S(size_t(BM) * BN), tmp(BN);
       std::vector<T> d1(size_t(BM) * BN), d2t(size_t(BN) * BM), tmpb(BN);
       for (int64_t w = w0; w < w1; ++w) {
@@ -500,16 +513,11 @@ bool stream_backward_bf16(const StreamInput<c10::BFloat16>& in, const Epi& epi, 
           gemm::bf16_gemm_acc(m, C, BN, d1.data(), BN, tpk.data() + (b * ntile + t2) * BN * C,
                               dsrc_hat + (b * in.Ns + r0) * C, C);
           gemm::bf16_gemm_acc(n, C, BM, d2t.data(), BM, spk.data() + (b * nblk + w) * BM * C,
-                              dk[t].data() + c0 * C, C);
+                              dkt + c0 * C, C);
         }
       }
     });
-    float* out = dtgt_hat + b * in.Nt * C;
-    at::parallel_for(0, in.Nt * C, 4096, [&](int64_t a, int64_t e) {
-      for (int t = 0; t < NT; ++t)
-        if (used[t])
-          for (int64_t i = a; i < e; ++i) out[i] += dk[t][i];
-    });
+    dk.add_to(dtgt_hat + b * in.Nt * C);
   }
   tiles.release();
   return true;
