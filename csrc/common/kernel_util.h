@@ -118,9 +118,12 @@ std::tuple<Tensor, Tensor> run_backward(const Tensor& src, const Tensor& tgt, bo
   Tensor dsh = at::zeros_like(s), dth = at::zeros_like(t);
   bool done = false;
   if constexpr (std::is_same_v<acc_t, float>) {  // bf16 inputs: the gradient GEMMs in bf16 where they can
-    if (src.scalar_type() == at::kBFloat16 && tgt.scalar_type() == at::kBFloat16)
-      done = stream_backward_bf16(make_input<c10::BFloat16>(src.contiguous(), tgt.contiguous(), normalize), epi,
-                                  dsh.data_ptr<float>(), dth.data_ptr<float>());
+    if (src.scalar_type() == at::kBFloat16 && tgt.scalar_type() == at::kBFloat16) {
+      const Tensor sb = src.contiguous(), tb = tgt.contiguous();
+      const StreamInput<c10::BFloat16> inb(sb.data_ptr<c10::BFloat16>(), tb.data_ptr<c10::BFloat16>(), in.B, in.Ns,
+                                           in.Nt, in.C, normalize, in.rs, in.rt);  // the norms of the same rows
+      done = stream_backward_bf16(inb, epi, dsh.data_ptr<float>(), dth.data_ptr<float>());
+    }
   }
   if (!done) stream_backward<acc_t>(in, epi, dsh.data_ptr<acc_t>(), dth.data_ptr<acc_t>());
   Tensor ds = at::empty_like(s), dt = at::empty_like(t);

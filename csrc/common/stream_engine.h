@@ -181,6 +181,10 @@ struct StreamInput {
     rs = inv_norms<T>(src, B * Ns, C, normalize);
     rt = inv_norms<T>(tgt, B * Nt, C, normalize);
   }
+  // With inverse norms already computed (from the same rows in another precision).
+  StreamInput(const T* s, const T* t, int64_t B_, int64_t Ns_, int64_t Nt_, int64_t C_, bool norm,
+              std::vector<acc_t> rs_, std::vector<acc_t> rt_)
+      : src(s), tgt(t), B(B_), Ns(Ns_), Nt(Nt_), C(C_), normalize(norm), rs(std::move(rs_)), rt(std::move(rt_)) {}
 };
 
 namespace detail {
@@ -434,15 +438,6 @@ void stream_backward(const StreamInput<acc_t>& in, const Epi& epi, acc_t* dsrc_h
   }
 }
 
-// bf16 inputs on the bf16 kernel that can accumulate (gemm::bf16_gemm_acc): all three tile GEMMs of
-// the single-pass backward in bf16 with fp32 accumulation. S is recomputed exactly as the forward
-// computed it; dS is rounded to bf16 once, the normalisation scales folded in before rounding, for
-//   dÂ_blk += bf16(dS ∘ r_v) · B_tile        dB̂_tile += bf16(dS ∘ r_u)ᵀ · A_blk
-// on the raw rows, packed once per call with pairs along the reduction (gemm::pack_rows_vnni). The
-// gradients are bf16 tensors in the end, so the one extra rounding is of their own order (the Triton
-// backward also runs these GEMMs on bf16 operands). Returns false, having done nothing, where it does
-// not apply: no such kernel, C not a multiple of 32, an epilogue with per-target accumulations, fewer
-// row blocks than threads, per-thread buffers over SEMCORR_CPU_BWD_BUFFER_MB, SEMCORR_CPU_BF16_BWD=0.
 // out[j] = row[j] · (col ? col[j] : 1) · k for j < n.
 inline void scaled_row(const float* row, const float* col, float k, float* out, int64_t n) {
   using V = Vectorized<float>;
@@ -453,6 +448,15 @@ inline void scaled_row(const float* row, const float* col, float k, float* out, 
   for (; j < n; ++j) out[j] = row[j] * (col ? col[j] : 1.f) * k;
 }
 
+// bf16 inputs on the bf16 kernel that can accumulate (gemm::bf16_gemm_acc): all three tile GEMMs of
+// the single-pass backward in bf16 with fp32 accumulation. S is recomputed exactly as the forward
+// computed it; dS is rounded to bf16 once, the normalisation scales folded in before rounding, for
+//   dÂ_blk += bf16(dS ∘ r_v) · B_tile        dB̂_tile += bf16(dS ∘ r_u)ᵀ · A_blk
+// on the raw rows, packed once per call with pairs along the reduction (gemm::pack_rows_vnni). The
+// gradients are bf16 tensors in the end, so the one extra rounding is of their own order (the Triton
+// backward also runs these GEMMs on bf16 operands). Returns false, having done nothing, where it does
+// not apply: no such kernel, C not a multiple of 32, an epilogue with per-target accumulations, fewer
+// row blocks than threads, per-thread buffers over SEMCORR_CPU_BWD_BUFFER_MB, SEMCORR_CPU_BF16_BWD=0.
 template <typename Epi>
 bool stream_backward_bf16(const StreamInput<c10::BFloat16>& in, const Epi& epi, float* dsrc_hat, float* dtgt_hat) {
   using T = c10::BFloat16;
